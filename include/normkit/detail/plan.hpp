@@ -1,0 +1,50 @@
+// normkit: how work is split across a device's threads. Rows are independent, so any
+// split gives the same per-row numbers; reductions across rows (dgamma, dbeta) use a
+// fixed number of chunks that depends on the row count only, each reduced by one
+// thread in row order, then combined in chunk order: bitwise-identical results for any
+// number of threads.
+#pragma once
+
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include <algorithm>
+#include <functional>
+#include <type_traits>
+#include <utility>
+
+#include "row_kernels.hpp"
+
+namespace normkit {
+namespace detail {
+
+// 32 chunks: enough to balance any thread pool up to a few dozen threads, few enough
+// that the per-chunk double accumulators (32 * n * 16 bytes, 4 MiB at n = 8192) stay a
+// few percent of the traffic of a backward pass.
+constexpr Index kReduceChunks = 32;
+
+inline Index reduce_chunks(Index rows) { return std::min(rows, kReduceChunks); }
+inline Index chunk_begin(Index c, Index rows, Index chunks) { return rows * c / chunks; }
+
+template <class Device, class = void>
+struct has_parallel_for : std::false_type {};
+template <class Device>
+struct has_parallel_for<Device, decltype(void(std::declval<const Device&>().parallelFor(
+                                    Index{0}, Eigen::TensorOpCost(),
+                                    std::function<void(Index, Index)>())))>
+    : std::true_type {};
+
+// Calls f(first, last) over [0, n), in blocks chosen by the device. cost is per item.
+template <class Device, class F>
+void parallel_for(const Device& device, Index n, const Eigen::TensorOpCost& cost, F&& f) {
+  if (n <= 0) return;
+  if constexpr (has_parallel_for<Device>::value) {
+    device.parallelFor(n, cost, std::function<void(Index, Index)>(std::forward<F>(f)));
+  } else {
+    (void)device;
+    (void)cost;
+    f(Index{0}, n);
+  }
+}
+
+}  // namespace detail
+}  // namespace normkit

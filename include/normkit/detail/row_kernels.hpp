@@ -1,0 +1,337 @@
+// normkit: row kernels on raw pointers, written once over a backend's packet interface
+// (simd/<isa>.hpp) and instantiated per backend. The scalar backend's instantiation is
+// the "scalar twin" that the tests compare every wider backend with.
+//
+// Accumulation: every sum is carried in double, whatever T is. A float is widened
+// exactly, so a float row's sums are exact to double rounding: that is what makes the
+// large-mean case (x = 1e4 + 1e-2 * randn) and the overflow cases (|x| ~ 1e20, x^2 ~ 1e40
+// > FLT_MAX = 3.4e38) come out right without a scaling pass. The cost is small: the
+// widening is one conversion per 8 floats and the kernels are bound by memory, not FMAs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace normkit {
+namespace detail {
+
+using Index = std::ptrdiff_t;
+
+// How a normalized value is scaled: not at all, by gamma, or by (1 + gamma) (Gemma's
+// zero-centred weight; the +1 is applied on the fly, never stored).
+enum class ScaleKind { None, Gamma, OnePlusGamma };
+
+namespace kernels {
+
+// Number of packets processed per loop trip in reductions. A float packet widens into
+// two double packets, so U = 2 keeps 4 independent add chains per sum in flight:
+// with 4-cycle FP add latency and 2 add ports, 8 would saturate the core, but the
+// loads (one row from DRAM or L2) are the bound, and 4 chains already exceed them.
+constexpr int kUnroll = 2;
+
+// s = sum_i (x_i * scale - shift) and s2 = sum_i (x_i * scale - shift)^2, in double.
+// scale is a power of two (exact); shift is subtracted with one rounding (fmadd).
+template <class Isa, class T>
+inline void shifted_sums(const T* x, Index n, double scale, double shift, double& s,
+                         double& s2) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);  // double chains
+  typename A::V a1[K], a2[K];
+  for (int k = 0; k < K; ++k) {
+    a1[k] = A::zero();
+    a2[k] = A::zero();
+  }
+  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        typename A::V d = A::fmadd(v, vscale, vnshift);
+        a1[k] = A::add(a1[k], d);
+        a2[k] = A::fmadd(d, d, a2[k]);
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      typename A::V d = A::fmadd(v, vscale, vnshift);
+      a1[k] = A::add(a1[k], d);
+      a2[k] = A::fmadd(d, d, a2[k]);
+      ++k;
+    });
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (; i < n; ++i) {
+    double d = static_cast<double>(x[i]) * scale - shift;
+    t1 += d;
+    t2 += d * d;
+  }
+  for (int k = 1; k < K; ++k) {
+    a1[0] = A::add(a1[0], a1[k]);
+    a2[0] = A::add(a2[0], a2[k]);
+  }
+  s = A::reduce(a1[0]) + t1;
+  s2 = A::reduce(a2[0]) + t2;
+}
+
+// sum_i x_i * scale, in double.
+template <class Isa, class T>
+inline double sum(const T* x, Index n, double scale) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
+  typename A::V a[K];
+  for (int k = 0; k < K; ++k) a[k] = A::zero();
+  const typename A::V vscale = A::set1(scale);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        a[k] = A::fmadd(v, vscale, a[k]);
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      a[k] = A::fmadd(v, vscale, a[k]);
+      ++k;
+    });
+  }
+  double t = 0.0;
+  for (; i < n; ++i) t += static_cast<double>(x[i]) * scale;
+  for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
+  return A::reduce(a[0]) + t;
+}
+
+// sum_i (x_i * scale)^2, in double.
+template <class Isa, class T>
+inline double sum_squares(const T* x, Index n, double scale) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
+  typename A::V a[K];
+  for (int k = 0; k < K; ++k) a[k] = A::zero();
+  const typename A::V vscale = A::set1(scale);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        typename A::V d = A::mul(v, vscale);
+        a[k] = A::fmadd(d, d, a[k]);
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      typename A::V d = A::mul(v, vscale);
+      a[k] = A::fmadd(d, d, a[k]);
+      ++k;
+    });
+  }
+  double t = 0.0;
+  for (; i < n; ++i) {
+    double d = static_cast<double>(x[i]) * scale;
+    t += d * d;
+  }
+  for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
+  return A::reduce(a[0]) + t;
+}
+
+// Parameters of the element-wise passes: xhat = ((x - mean_hi) - mean_lo) * rstd when
+// centring (the mean split in two T so that x - mean_hi is exact for x near the mean),
+// xhat = x * rstd when not.
+template <class T>
+struct RowAffine {
+  T mean_hi, mean_lo, rstd;
+};
+
+template <class Isa, class T, bool Center>
+struct Xhat {
+  using P = typename Isa::template Pack<T>;
+  typename P::V hi, lo, rstd;
+  explicit Xhat(const RowAffine<T>& r) : hi(P::set1(r.mean_hi)), lo(P::set1(r.mean_lo)),
+                                         rstd(P::set1(r.rstd)) {}
+  typename P::V operator()(typename P::V x) const {
+    if (Center) x = P::sub(P::sub(x, hi), lo);
+    return P::mul(x, rstd);
+  }
+  static T scalar(const RowAffine<T>& r, T x) {
+    if (Center) x = (x - r.mean_hi) - r.mean_lo;
+    return x * r.rstd;
+  }
+};
+
+template <class Isa, class T, ScaleKind S>
+struct Scale {
+  using P = typename Isa::template Pack<T>;
+  typename P::V one = P::set1(T(1));
+  typename P::V operator()(const T* gamma) const {
+    if (S == ScaleKind::OnePlusGamma) return P::add(one, P::load(gamma));
+    return P::load(gamma);
+  }
+  static T scalar(const T* gamma) {
+    return S == ScaleKind::OnePlusGamma ? T(1) + *gamma : *gamma;
+  }
+};
+
+// y = xhat * scale + beta. Stream selects non-temporal stores (after a scalar head
+// that aligns y to the packet size). y may be x (in place).
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
+inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
+                      const T* beta) {
+  using P = typename Isa::template Pack<T>;
+  using X = Xhat<Isa, T, Center>;
+  using G = Scale<Isa, T, S>;
+  constexpr Index W = static_cast<Index>(P::W);
+  auto scalar_at = [&](Index i) {
+    T v = X::scalar(r, x[i]);
+    if (S != ScaleKind::None) v *= G::scalar(gamma + i);
+    if (Shift) v += beta[i];
+    y[i] = v;
+  };
+  Index i = 0;
+  if (Stream) {
+    constexpr std::uintptr_t align = sizeof(typename P::V);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0; ++i) scalar_at(i);
+  }
+  const X xhat(r);
+  const G scale{};
+  for (; i + W <= n; i += W) {
+    typename P::V v = xhat(P::load(x + i));
+    if (S != ScaleKind::None) {
+      v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
+    } else if (Shift) {
+      v = P::add(v, P::load(beta + i));
+    }
+    if (Stream)
+      P::stream(y + i, v);
+    else
+      P::store(y + i, v);
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
+// Backward, first pass over a row: sum_g = sum_i g_i and sum_gx = sum_i g_i * xhat_i,
+// with g = dy * scale, in double.
+template <class Isa, class T, bool Center, ScaleKind S>
+inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
+                          const RowAffine<T>& r, double& sum_g, double& sum_gx) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using X = Xhat<Isa, T, Center>;
+  using G = Scale<Isa, T, S>;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  typename A::V ag[K], agx[K];
+  for (int k = 0; k < K; ++k) {
+    ag[k] = A::zero();
+    agx[k] = A::zero();
+  }
+  const X xhat(r);
+  const G scale{};
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    typename P::V g = P::load(dy + i);
+    if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
+    typename P::V xh = xhat(P::load(x + i));
+    int k = 0;
+    P::widen(g, [&](typename A::V v) { ag[k] = A::add(ag[k], v); ++k; });
+    k = 0;
+    P::widen(P::mul(g, xh), [&](typename A::V v) { agx[k] = A::add(agx[k], v); ++k; });
+  }
+  double tg = 0.0, tgx = 0.0;
+  for (; i < n; ++i) {
+    T g = dy[i];
+    if (S != ScaleKind::None) g *= G::scalar(gamma + i);
+    tg += static_cast<double>(g);
+    tgx += static_cast<double>(g * X::scalar(r, x[i]));
+  }
+  for (int k = 1; k < K; ++k) {
+    ag[0] = A::add(ag[0], ag[k]);
+    agx[0] = A::add(agx[0], agx[k]);
+  }
+  sum_g = A::reduce(ag[0]) + tg;
+  sum_gx = A::reduce(agx[0]) + tgx;
+}
+
+// Backward, second pass over a row:
+//   dx_i = rstd * (g_i - a - xhat_i * b)        (WantDx; a = mean(g), b = mean(g xhat))
+//   dgamma_acc_i += dy_i * xhat_i                (WantDg; double accumulators)
+//   dbeta_acc_i  += dy_i                         (WantDb)
+// dx may be dy or x (in place).
+template <class Isa, class T, bool Center, ScaleKind S, bool WantDx, bool WantDg, bool WantDb,
+          bool Stream>
+inline void backward_row(const T* dy, const T* x, const T* gamma, Index n,
+                         const RowAffine<T>& r, T a, T b, T* dx, double* dgamma_acc,
+                         double* dbeta_acc) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using X = Xhat<Isa, T, Center>;
+  using G = Scale<Isa, T, S>;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr Index WA = static_cast<Index>(A::W);
+  auto scalar_at = [&](Index i) {
+    const T d = dy[i];
+    const T xh = X::scalar(r, x[i]);
+    if (WantDg) dgamma_acc[i] += static_cast<double>(d * xh);
+    if (WantDb) dbeta_acc[i] += static_cast<double>(d);
+    if (WantDx) {
+      T g = d;
+      if (S != ScaleKind::None) g *= G::scalar(gamma + i);
+      dx[i] = r.rstd * ((g - a) - xh * b);
+    }
+  };
+  Index i = 0;
+  if (Stream && WantDx) {
+    constexpr std::uintptr_t align = sizeof(typename P::V);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(dx + i) % align != 0; ++i) scalar_at(i);
+  }
+  const X xhat(r);
+  const G scale{};
+  const typename P::V va = P::set1(a), vnb = P::set1(-b), vrstd = P::set1(r.rstd);
+  for (; i + W <= n; i += W) {
+    const typename P::V d = P::load(dy + i);
+    const typename P::V xh = xhat(P::load(x + i));
+    if (WantDg) {
+      Index off = i;
+      P::widen(P::mul(d, xh), [&](typename A::V v) {
+        A::store(dgamma_acc + off, A::add(A::load(dgamma_acc + off), v));
+        off += WA;
+      });
+    }
+    if (WantDb) {
+      Index off = i;
+      P::widen(d, [&](typename A::V v) {
+        A::store(dbeta_acc + off, A::add(A::load(dbeta_acc + off), v));
+        off += WA;
+      });
+    }
+    if (WantDx) {
+      typename P::V g = d;
+      if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
+      const typename P::V v = P::mul(vrstd, P::fmadd(xh, vnb, P::sub(g, va)));
+      if (Stream)
+        P::stream(dx + i, v);
+      else
+        P::store(dx + i, v);
+    }
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
+}  // namespace kernels
+}  // namespace detail
+}  // namespace normkit

@@ -1,0 +1,466 @@
+// normkit: the row-norm engine shared by LayerNorm and RMSNorm (and later the adaptive
+// and fused norms). Checks arguments, computes per-row statistics, and runs the
+// element-wise kernels over rows on a device. Knows no ISA: it calls row_kernels.hpp.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../common.hpp"
+#include "config.hpp"
+#include "plan.hpp"
+#include "row_kernels.hpp"
+#include "tensor_view.hpp"
+
+namespace normkit {
+namespace detail {
+
+struct RowNormSpec {
+  const char* op;     // "LayerNorm", "RMSNorm": for messages
+  int k;              // normalized (innermost) dims
+  double eps;
+  bool center;        // subtract the mean (LayerNorm) or not (RMSNorm)
+  ScaleKind scale;    // how gamma applies
+  bool shift;         // beta present
+  bool eps_outside;   // RMSNorm's y = x / (sqrt(ms) + eps)
+};
+
+// ---------------------------------------------------------------------------------
+// Per-row statistics.
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// A double sum of squares inside (2^-900, 2^900) lost nothing to overflow or underflow:
+// any term that underflowed is below 2^-1022, negligible against the total.
+constexpr double kSumSqHuge = 0x1p900;
+constexpr double kSumSqTiny = 0x1p-900;
+
+struct Moments {
+  double mean;
+  double rstd;
+};
+
+// max |x_i|, or NaN if the row holds a NaN or an Inf (which poisons the row).
+template <class T>
+double max_abs_or_nan(const T* x, Index n) {
+  double m = 0.0;
+  for (Index i = 0; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(x[i]));
+    if (!(a <= DBL_MAX)) return kNaN;
+    m = std::max(m, a);
+  }
+  return m;
+}
+
+// A power of two that brings max|x| into [1, 2), clamped so that it is representable.
+inline double rescale_for(double max_abs) {
+  const int e = std::min(std::max(-std::ilogb(max_abs), -1000), 1000);
+  return std::ldexp(1.0, e);
+}
+
+// rstd from the variance (or mean square) var_s of data scaled by `scale`:
+// var = var_s / scale^2, computed without forming var when it would overflow.
+inline double rstd_from(double var_s, double scale, double eps, bool eps_outside) {
+  if (eps_outside) return 1.0 / (std::sqrt(var_s) / scale + eps);
+  const double es = eps * scale * scale;
+  // es overflows only for tiny data (scale > 2^500), whose var_s / scale^2 is then
+  // below eps * 2^-1000: negligible.
+  if (std::isinf(es)) return 1.0 / std::sqrt(eps);
+  return scale / std::sqrt(var_s + es);
+}
+
+// LayerNorm statistics of one row: mean and rstd in double.
+template <class Isa, class T>
+Moments row_moments(const T* x, Index n, double eps) {
+  if (n == 0) return {kNaN, kNaN};
+  const double dn = static_cast<double>(n);
+  double s = 0.0, s2 = 0.0;
+  if constexpr (sizeof(T) <= sizeof(float)) {
+    // One pass, shifted by the row's first element. Float data widened to double never
+    // overflows or underflows when squared (FLT_MAX^2 = 1.2e77, min subnormal^2 =
+    // 2e-90), and shifting by a member x0 of the row bounds the cancellation in
+    // s2/n - (s/n)^2: (x0 - mean)^2 <= n var, so the relative error of var is at most
+    // about n * DBL_EPSILON (1e-12 at n = 4096), far below float resolution.
+    const double x0 = static_cast<double>(x[0]);
+    kernels::shifted_sums<Isa>(x, n, 1.0, x0, s, s2);
+    const double md = s / dn;
+    const double var = std::max(s2 / dn - md * md, 0.0);  // NaN stays NaN
+    return {x0 + md, rstd_from(var, 1.0, eps, false)};
+  } else {
+    // Double data: two passes (mean, then shifted sums with the correction term of
+    // Chan, Golub and LeVeque), rescaled by a power of two when the squares leave
+    // double's range (|x| beyond ~1e150 or below ~1e-150).
+    const double m1 = kernels::sum<Isa>(x, n, 1.0) / dn;
+    kernels::shifted_sums<Isa>(x, n, 1.0, m1, s, s2);
+    if (s2 < kSumSqHuge && s2 > kSumSqTiny) {
+      const double md = s / dn;
+      return {m1 + md, rstd_from(std::max(s2 / dn - md * md, 0.0), 1.0, eps, false)};
+    }
+    const double m = max_abs_or_nan(x, n);
+    if (std::isnan(m)) return {kNaN, kNaN};
+    if (m == 0.0) return {0.0, rstd_from(0.0, 1.0, eps, false)};
+    const double scale = rescale_for(m);
+    const double m1s = kernels::sum<Isa>(x, n, scale) / dn;
+    kernels::shifted_sums<Isa>(x, n, scale, m1s, s, s2);
+    const double md = s / dn;
+    return {(m1s + md) / scale, rstd_from(std::max(s2 / dn - md * md, 0.0), scale, eps, false)};
+  }
+}
+
+// RMSNorm statistic of one row: rstd in double.
+template <class Isa, class T>
+double row_rms_rstd(const T* x, Index n, double eps, bool eps_outside) {
+  if (n == 0) return kNaN;
+  const double dn = static_cast<double>(n);
+  const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
+  if constexpr (sizeof(T) <= sizeof(float)) {
+    if (!(ss <= DBL_MAX)) return kNaN;  // only an Inf or NaN in the row gets here
+    return rstd_from(ss / dn, 1.0, eps, eps_outside);
+  } else {
+    if (ss < kSumSqHuge && ss > kSumSqTiny) return rstd_from(ss / dn, 1.0, eps, eps_outside);
+    const double m = max_abs_or_nan(x, n);
+    if (std::isnan(m)) return kNaN;
+    if (m == 0.0) return rstd_from(0.0, 1.0, eps, eps_outside);
+    const double scale = rescale_for(m);
+    return rstd_from(kernels::sum_squares<Isa>(x, n, scale) / dn, scale, eps, eps_outside);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Compile-time dispatch of runtime flags.
+
+template <class F>
+void with_bool(bool b, F&& f) {
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+template <class F>
+void with_scale(ScaleKind s, F&& f) {
+  switch (s) {
+    case ScaleKind::None: f(std::integral_constant<ScaleKind, ScaleKind::None>{}); break;
+    case ScaleKind::Gamma: f(std::integral_constant<ScaleKind, ScaleKind::Gamma>{}); break;
+    case ScaleKind::OnePlusGamma:
+      f(std::integral_constant<ScaleKind, ScaleKind::OnePlusGamma>{});
+      break;
+  }
+}
+
+template <class F>
+void with_param_grads(int k, F&& f) {
+  if (k == 0) f(std::integral_constant<int, 0>{});
+  if (k == 1) f(std::integral_constant<int, 1>{});
+  if (k == 2) f(std::integral_constant<int, 2>{});
+}
+
+template <class T>
+bool stream_output(Index elements) {
+  return static_cast<std::size_t>(elements) * sizeof(T) >= NORMKIT_STREAM_MIN_BYTES;
+}
+
+// Rows whose rstd is finite in double but overflows T (float data with eps = 0 and a
+// standard deviation below FLT_MIN): normalize in double, one element at a time.
+template <class T>
+void normalize_wide(const RowNormSpec& spec, const T* x, T* y, Index n, double mean,
+                    double rstd, const T* gamma, const T* beta) {
+  for (Index i = 0; i < n; ++i) {
+    double v = (static_cast<double>(x[i]) - mean) * rstd;
+    if (spec.scale == ScaleKind::Gamma) v *= static_cast<double>(gamma[i]);
+    if (spec.scale == ScaleKind::OnePlusGamma) v *= 1.0 + static_cast<double>(gamma[i]);
+    if (spec.shift) v += static_cast<double>(beta[i]);
+    y[i] = static_cast<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Argument checks. All run before any output is touched.
+
+template <class T>
+void check_params(const RowNormSpec& spec, const std::string& where, const View<const T>& x,
+                  const Affine<T>& p) {
+  const bool want_g = spec.scale != ScaleKind::None;
+  const auto what = [](bool g, bool b) {
+    return std::string(g ? (b ? "gamma and beta" : "gamma only") : (b ? "beta only" : "none"));
+  };
+  if (want_g != p.gamma.present || spec.shift != p.beta.present)
+    fail(where, "params",
+         what(want_g, spec.shift) + " (as the functor's affine mode says)",
+         what(p.gamma.present, p.beta.present));
+  if (p.gamma.present && !matches_inner(p.gamma, x, spec.k))
+    fail(where, "gamma", "dims " + inner_str(x, spec.k), p.gamma.str());
+  if (p.beta.present && !matches_inner(p.beta, x, spec.k))
+    fail(where, "beta", "dims " + inner_str(x, spec.k), p.beta.str());
+  require_data(where, "gamma", p.gamma);
+  require_data(where, "beta", p.beta);
+}
+
+template <class T>
+void check_x(const RowNormSpec& spec, const std::string& where, const char* name,
+             const View<const T>& x) {
+  if (x.rank < spec.k)
+    fail(where, name, "rank >= " + std::to_string(spec.k) + " (the normalized dims)",
+         "rank " + std::to_string(x.rank));
+  require_data(where, name, x);
+}
+
+template <class T>
+void check_saved(const RowNormSpec& spec, const std::string& where, const RowStats<T>& s,
+                 Index rows) {
+  auto check = [&](const char* name, const Eigen::Tensor<T, 1>& t) {
+    if (t.size() != rows)
+      fail(where, name, std::to_string(rows) + " elements (one per row, from forward)",
+           std::to_string(t.size()));
+  };
+  if (spec.center) {
+    check("saved.mean", s.mean);
+    check("saved.mean_lo", s.mean_lo);
+  }
+  check("saved.rstd", s.rstd);
+}
+
+// ---------------------------------------------------------------------------------
+// Forward.
+
+template <class Isa, class T, bool Center, class Device>
+void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
+             const View<T>& y, RowStats<T>& saved, const Device& device) {
+  const std::string where = std::string(spec.op) + "::forward";
+  check_x(spec, where, "x", x);
+  if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
+  require_data(where, "y", y);
+  check_params(spec, where, x, p);
+  if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
+  if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
+    fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
+
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
+  if (Center) {
+    if (saved.mean.size() != rows) saved.mean.resize(rows);
+    if (saved.mean_lo.size() != rows) saved.mean_lo.resize(rows);
+  } else {
+    saved.mean.resize(0);
+    saved.mean_lo.resize(0);
+  }
+  if (saved.rstd.size() != rows) saved.rstd.resize(rows);
+  if (n == 0) {  // empty rows: statistics of nothing are undefined
+    for (Index r = 0; r < rows; ++r) {
+      saved.rstd(r) = static_cast<T>(kNaN);
+      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<T>(kNaN);
+    }
+    return;
+  }
+  if (rows == 0) return;
+
+  const T* gamma = p.gamma.data;
+  const T* beta = p.beta.data;
+  T* mean_hi = Center ? saved.mean.data() : nullptr;
+  T* mean_lo = Center ? saved.mean_lo.data() : nullptr;
+  T* rstd = saved.rstd.data();
+  const bool stream = stream_output<T>(x.size());
+  // Per row: read x once from memory (statistics), then again from cache (normalize).
+  const Eigen::TensorOpCost cost(static_cast<double>(n * static_cast<Index>(sizeof(T))),
+                                 static_cast<double>(n * static_cast<Index>(sizeof(T))),
+                                 static_cast<double>(n) * 2.0);
+  constexpr bool kC = Center;
+  with_scale(spec.scale, [&](auto S) {
+    with_bool(spec.shift, [&](auto B) {
+      with_bool(stream, [&](auto St) {
+        constexpr ScaleKind kS = decltype(S)::value;
+        constexpr bool kB = decltype(B)::value, kSt = decltype(St)::value;
+        // LayerNorm never scales by (1 + gamma); RMSNorm never shifts.
+        if constexpr ((kC && kS == ScaleKind::OnePlusGamma) || (!kC && kB)) {
+          return;
+        } else {
+          parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+            for (Index r = r0; r < r1; ++r) {
+              const T* xr = x.data + r * n;
+              T* yr = y.data + r * n;
+              double mean = 0.0, rs;
+              if (kC) {
+                const Moments m = row_moments<Isa>(xr, n, spec.eps);
+                mean = m.mean;
+                rs = m.rstd;
+              } else {
+                rs = row_rms_rstd<Isa>(xr, n, spec.eps, spec.eps_outside);
+              }
+              const T hi = static_cast<T>(mean);
+              const T lo = static_cast<T>(mean - static_cast<double>(hi));
+              const T rt = static_cast<T>(rs);
+              if (kC) {
+                mean_hi[r] = hi;
+                mean_lo[r] = lo;
+              }
+              rstd[r] = rt;
+              if (std::isinf(rt) && !std::isinf(rs)) {
+                normalize_wide(spec, xr, yr, n, mean, rs, gamma, beta);
+                continue;
+              }
+              // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
+              // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
+              const kernels::RowAffine<T> ra{hi, lo, std::isinf(rs) ? T(0) : rt};
+              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
+            }
+            if (kSt) Isa::fence();
+          });
+        }
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Backward.
+//
+// With xhat = (x - mean) * rstd and y = xhat * gamma + beta, let g = dy * gamma. Then
+//   dL/dxhat_i = g_i
+//   dxhat_i/dx_j = rstd * (delta_ij - 1/n - xhat_i * xhat_j / n)      (LayerNorm)
+// so dx_j = rstd * (g_j - mean(g) - xhat_j * mean(g * xhat)):
+//   term 1: g_j            the direct path through x_j
+//   term 2: - mean(g)      through the mean
+//   term 3: - xhat_j mean(g xhat)   through rstd
+// RMSNorm has no mean: term 2 vanishes and dxhat_i/dx_j = rstd (delta_ij - xhat_i xhat_j
+// / n). With eps outside the sqrt, y = x / (r + eps), r = sqrt(mean(x^2)), term 3 gains
+// the factor (r + eps) / r = 1 / (1 - eps * rstd).
+// dgamma = sum over rows of dy * xhat; dbeta = sum over rows of dy.
+
+template <class Isa, class T, bool Center, class Device>
+void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
+              const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
+              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+  const std::string where = std::string(spec.op) + "::backward";
+  check_x(spec, where, "x", x);
+  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
+  require_data(where, "dy", dy);
+  check_params(spec, where, x, p);
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
+  check_saved(spec, where, saved, rows);
+  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
+  require_data(where, "dx", dx);
+  if (dgamma.present && spec.scale == ScaleKind::None)
+    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
+  if (dbeta.present && !spec.shift)
+    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
+  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
+    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
+  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
+    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
+  require_data(where, "dgamma", dgamma);
+  require_data(where, "dbeta", dbeta);
+  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
+    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
+  for (const View<T>* o : {&dgamma, &dbeta}) {
+    const char* name = o == &dgamma ? "dgamma" : "dbeta";
+    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
+        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
+      fail(where, name, "memory disjoint from every other argument", "an overlap");
+  }
+  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
+  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
+    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
+
+  const bool want_dx = dx.present;
+  const bool want_param = dgamma.present || dbeta.present;
+  if (rows == 0 || n == 0 || (!want_dx && !want_param)) {
+    if (dgamma.present) std::fill(dgamma.data, dgamma.data + dgamma.size(), T(0));
+    if (dbeta.present) std::fill(dbeta.data, dbeta.data + dbeta.size(), T(0));
+    return;
+  }
+
+  const T* gamma = p.gamma.data;
+  const bool stream = want_dx && stream_output<T>(x.size());
+  const double dn = static_cast<double>(n);
+  const Index chunks = want_param ? reduce_chunks(rows) : 0;
+  // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
+  // either is asked for: the second costs little once the row is loaded).
+  const int param_grads = want_param ? (spec.shift ? 2 : 1) : 0;
+  const Index acc_arrays = param_grads;
+  // Per-chunk double accumulators for dgamma (and dbeta): chunk c owns
+  // acc[(c * acc_arrays + a) * n, ... + n).
+  std::vector<double> acc(static_cast<std::size_t>(chunks * acc_arrays * n), 0.0);
+
+  constexpr bool kC = Center;
+  with_scale(spec.scale, [&](auto S) {
+    with_bool(want_dx, [&](auto Dx) {
+      with_param_grads(param_grads, [&](auto Pg) {
+        with_bool(stream, [&](auto St) {
+          constexpr ScaleKind kS = decltype(S)::value;
+          constexpr bool kDx = decltype(Dx)::value, kSt = decltype(St)::value;
+          constexpr int kPg = decltype(Pg)::value;
+          if constexpr ((kC && kS == ScaleKind::OnePlusGamma) || (!kC && kPg == 2) ||
+                        (!kDx && kSt) || (kS == ScaleKind::None && kPg > 0)) {
+            return;
+          } else {
+            auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc) {
+              for (Index r = r0; r < r1; ++r) {
+                const T* dyr = dy.data + r * n;
+                const T* xr = x.data + r * n;
+                const kernels::RowAffine<T> ra{kC ? saved.mean(r) : T(0),
+                                               kC ? saved.mean_lo(r) : T(0), saved.rstd(r)};
+                T a = 0, b = 0;
+                if (kDx) {
+                  double sum_g = 0.0, sum_gx = 0.0;
+                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, ra, sum_g, sum_gx);
+                  double mean_gx = sum_gx / dn;
+                  if (spec.eps_outside)
+                    mean_gx /= 1.0 - spec.eps * static_cast<double>(ra.rstd);
+                  a = kC ? static_cast<T>(sum_g / dn) : T(0);
+                  b = static_cast<T>(mean_gx);
+                }
+                kernels::backward_row<Isa, T, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
+                    dyr, xr, gamma, n, ra, a, b, kDx ? dx.data + r * n : nullptr, dg_acc,
+                    db_acc);
+              }
+              if (kSt) Isa::fence();
+            };
+            const double bytes = static_cast<double>(n * static_cast<Index>(sizeof(T)));
+            if (kPg > 0) {
+              const Eigen::TensorOpCost cost(2.0 * bytes * static_cast<double>(rows / chunks),
+                                             bytes * static_cast<double>(rows / chunks),
+                                             6.0 * static_cast<double>(n * (rows / chunks)));
+              parallel_for(device, chunks, cost, [&](Index c0, Index c1) {
+                for (Index c = c0; c < c1; ++c) {
+                  double* base = acc.data() + c * acc_arrays * n;
+                  do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
+                          acc_arrays > 1 ? base + n : nullptr);
+                }
+              });
+            } else {
+              const Eigen::TensorOpCost cost(2.0 * bytes, bytes, 6.0 * static_cast<double>(n));
+              parallel_for(device, rows, cost,
+                           [&](Index r0, Index r1) { do_rows(r0, r1, nullptr, nullptr); });
+            }
+          }
+        });
+      });
+    });
+  });
+
+  if (!want_param) return;
+  // Combine the chunks in chunk order, independently per column: deterministic.
+  const Eigen::TensorOpCost cost(static_cast<double>(chunks * acc_arrays) * 8.0,
+                                 static_cast<double>(acc_arrays * static_cast<Index>(sizeof(T))),
+                                 static_cast<double>(chunks * acc_arrays));
+  parallel_for(device, n, cost, [&](Index j0, Index j1) {
+    for (Index j = j0; j < j1; ++j) {
+      double sg = 0.0, sb = 0.0;
+      for (Index c = 0; c < chunks; ++c) {
+        const double* base = acc.data() + c * acc_arrays * n;
+        sg += base[j];
+        if (acc_arrays > 1) sb += base[n + j];
+      }
+      if (dgamma.present) dgamma.data[j] = static_cast<T>(sg);
+      if (dbeta.present) dbeta.data[j] = static_cast<T>(sb);
+    }
+  });
+}
+
+}  // namespace detail
+}  // namespace normkit

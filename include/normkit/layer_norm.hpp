@@ -1,0 +1,90 @@
+// normkit::LayerNorm (Ba et al. 2016): per row of the innermost k dims,
+//   y = (x - mean) / sqrt(var + eps) * gamma + beta,  var biased.
+// Semantics: ../../shared/SPEC.md "LayerNorm", PyTorch's nn.LayerNorm.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "common.hpp"
+#include "detail/row_norm.hpp"
+#include "detail/simd/select.hpp"
+
+namespace normkit {
+
+// T: float or double. Isa: the SIMD backend (default: the widest the compiler targets).
+template <class T, class Isa = detail::simd::Best>
+class LayerNorm {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "normkit::LayerNorm<T>: T must be float or double");
+
+ public:
+  // normalized_dims: how many innermost (contiguous) dims form a row, >= 1 (PyTorch's
+  // len(normalized_shape)). eps >= 0, added to the variance inside the sqrt.
+  // Throws normkit::invalid_argument otherwise.
+  explicit LayerNorm(int normalized_dims = 1, double eps = 1e-5,
+                     AffineMode affine = AffineMode::ScaleShift)
+      : k_(normalized_dims), eps_(eps), affine_(affine) {
+    if (normalized_dims < 1 || normalized_dims > detail::kMaxRank)
+      detail::fail("LayerNorm::LayerNorm", "normalized_dims", "1 to 8",
+                   std::to_string(normalized_dims));
+    if (!(eps >= 0.0) || std::isinf(eps))
+      detail::fail("LayerNorm::LayerNorm", "eps", "a finite value >= 0", std::to_string(eps));
+  }
+
+  int normalized_dims() const { return k_; }
+  double eps() const { return eps_; }
+  AffineMode affine_mode() const { return affine_; }
+
+  // y = LayerNorm(x); saved receives mean, mean_lo and rstd per row (resized to the row
+  // count if needed). x, y: Eigen::Tensor or TensorMap of T, any rank >= k, either
+  // layout; y has x's extents in memory order and may be x itself. params: {} or
+  // normkit::affine(gamma[, beta]) as the affine mode says. Throws
+  // normkit::invalid_argument before writing anything if an argument does not fit.
+  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
+               const Device& device = Device()) const {
+    detail::forward<Isa, T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
+                                  device);
+  }
+
+  // As above, returning the saved statistics.
+  template <class X, class Y, class Device = Eigen::DefaultDevice,
+            class = std::enable_if_t<!detail::is_row_stats<std::decay_t<Device>>::value>>
+  RowStats<T> forward(const X& x, const Affine<T>& params, Y&& y,
+                      const Device& device = Device()) const {
+    RowStats<T> saved;
+    forward(x, params, std::forward<Y>(y), saved, device);
+    return saved;
+  }
+
+  // Gradients from dy = dL/dy and forward's x, params and saved statistics. Each of dx,
+  // dgamma, dbeta is a tensor or normkit::skip. dx may be dy or x itself. dgamma and
+  // dbeta are overwritten (not accumulated into), and zeroed when there are no rows.
+  // Bitwise identical for any number of device threads.
+  template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
+  void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
+                DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
+    detail::backward<Isa, T, true>(spec(), detail::in<T>(dy), detail::in<T>(x), params, saved,
+                                   detail::out<T>(dx), detail::out<T>(dgamma),
+                                   detail::out<T>(dbeta), device);
+  }
+
+ private:
+  detail::RowNormSpec spec() const {
+    return {"LayerNorm",
+            k_,
+            eps_,
+            true,
+            affine_ == AffineMode::None ? detail::ScaleKind::None : detail::ScaleKind::Gamma,
+            affine_ == AffineMode::ScaleShift,
+            false};
+  }
+
+  int k_;
+  double eps_;
+  AffineMode affine_;
+};
+
+}  // namespace normkit

@@ -1,0 +1,95 @@
+// normkit::RMSNorm (Zhang & Sennrich 2019): per row of the innermost k dims,
+//   y = x / sqrt(mean(x^2) + eps) * gamma        (eps inside, the default), or
+//   y = x / (sqrt(mean(x^2)) + eps) * gamma      (EpsPlacement::Outside).
+// Semantics: ../../shared/SPEC.md "RMSNorm", PyTorch's nn.RMSNorm.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "common.hpp"
+#include "detail/row_norm.hpp"
+#include "detail/simd/select.hpp"
+
+namespace normkit {
+
+// The learned scale of an RMSNorm: none; gamma (PyTorch, LLaMA); or Gemma's zero-centred
+// weight w applied as (1 + w), with w stored centred at 0.
+enum class RmsWeight { None, Scale, OnePlusScale };
+
+// Where eps goes: inside the sqrt (PyTorch nn.RMSNorm, LLaMA, ONNX, ggml) or added to the
+// root mean square (some code bases).
+enum class EpsPlacement { Inside, Outside };
+
+template <class T, class Isa = detail::simd::Best>
+class RMSNorm {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "normkit::RMSNorm<T>: T must be float or double");
+
+ public:
+  // normalized_dims >= 1; eps >= 0. Throws normkit::invalid_argument otherwise.
+  explicit RMSNorm(int normalized_dims = 1, double eps = 1e-6,
+                   RmsWeight weight = RmsWeight::Scale,
+                   EpsPlacement placement = EpsPlacement::Inside)
+      : k_(normalized_dims), eps_(eps), weight_(weight), placement_(placement) {
+    if (normalized_dims < 1 || normalized_dims > detail::kMaxRank)
+      detail::fail("RMSNorm::RMSNorm", "normalized_dims", "1 to 8",
+                   std::to_string(normalized_dims));
+    if (!(eps >= 0.0) || std::isinf(eps))
+      detail::fail("RMSNorm::RMSNorm", "eps", "a finite value >= 0", std::to_string(eps));
+  }
+
+  int normalized_dims() const { return k_; }
+  double eps() const { return eps_; }
+  RmsWeight weight() const { return weight_; }
+  EpsPlacement eps_placement() const { return placement_; }
+
+  // y = RMSNorm(x); saved receives rstd per row (mean and mean_lo are left empty).
+  // params: {} or normkit::affine(gamma). Otherwise as LayerNorm::forward.
+  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
+               const Device& device = Device()) const {
+    detail::forward<Isa, T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
+                                   device);
+  }
+
+  template <class X, class Y, class Device = Eigen::DefaultDevice,
+            class = std::enable_if_t<!detail::is_row_stats<std::decay_t<Device>>::value>>
+  RowStats<T> forward(const X& x, const Affine<T>& params, Y&& y,
+                      const Device& device = Device()) const {
+    RowStats<T> saved;
+    forward(x, params, std::forward<Y>(y), saved, device);
+    return saved;
+  }
+
+  // dx and dgamma (each a tensor or normkit::skip) from dy and forward's x, params and
+  // saved statistics. As LayerNorm::backward.
+  template <class DY, class X, class DX, class DG, class Device = Eigen::DefaultDevice>
+  void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
+                DX&& dx, DG&& dgamma, const Device& device = Device()) const {
+    detail::backward<Isa, T, false>(spec(), detail::in<T>(dy), detail::in<T>(x), params, saved,
+                                    detail::out<T>(dx), detail::out<T>(dgamma),
+                                    detail::View<T>{}, device);
+  }
+
+ private:
+  detail::RowNormSpec spec() const {
+    return {"RMSNorm",
+            k_,
+            eps_,
+            false,
+            weight_ == RmsWeight::None          ? detail::ScaleKind::None
+            : weight_ == RmsWeight::Scale       ? detail::ScaleKind::Gamma
+                                                : detail::ScaleKind::OnePlusGamma,
+            false,
+            placement_ == EpsPlacement::Outside};
+  }
+
+  int k_;
+  double eps_;
+  RmsWeight weight_;
+  EpsPlacement placement_;
+};
+
+}  // namespace normkit
