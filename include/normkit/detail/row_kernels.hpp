@@ -79,22 +79,22 @@ inline void shifted_sums(const T* x, Index n, double scale, double shift, double
   s2 = A::reduce(a2[0]) + t2;
 }
 
-// sum_i x_i * scale, in double.
+// sum_i (x_i * scale - shift), in double.
 template <class Isa, class T>
-inline double sum(const T* x, Index n, double scale) {
+inline double sum(const T* x, Index n, double scale, double shift) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
   typename A::V a[K];
   for (int k = 0; k < K; ++k) a[k] = A::zero();
-  const typename A::V vscale = A::set1(scale);
+  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
   Index i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
       P::widen(P::load(x + i + u * W), [&](typename A::V v) {
-        a[k] = A::fmadd(v, vscale, a[k]);
+        a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
         ++k;
       });
     }
@@ -102,12 +102,12 @@ inline double sum(const T* x, Index n, double scale) {
   for (; i + W <= n; i += W) {
     int k = 0;
     P::widen(P::load(x + i), [&](typename A::V v) {
-      a[k] = A::fmadd(v, vscale, a[k]);
+      a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
       ++k;
     });
   }
   double t = 0.0;
-  for (; i < n; ++i) t += static_cast<double>(x[i]) * scale;
+  for (; i < n; ++i) t += static_cast<double>(x[i]) * scale - shift;
   for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
   return A::reduce(a[0]) + t;
 }

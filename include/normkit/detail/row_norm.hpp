@@ -39,10 +39,40 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kSumSqHuge = 0x1p900;
 constexpr double kSumSqTiny = 0x1p-900;
 
-struct Moments {
-  double mean;
-  double rstd;
+// Statistics of one row, kept in the scaled form they were computed in: the data were
+// multiplied by `scale` (a power of two, 1 unless the squares left double's range), so
+//   mean = mean_s / scale,  rstd = scale / denom_s,
+// with denom_s = sqrt(var_s + eps scale^2) (or sqrt(var_s) + eps scale for eps outside the
+// sqrt). rstd itself may not be representable (eps = 0 and a spread below 1/DBL_MAX, or
+// below 1/FLT_MAX for float): such rows are normalized from the scaled form instead.
+struct RowStat {
+  double mean_s = 0.0;
+  double scale = 1.0;
+  double denom_s = 0.0;  // 0: a constant row with eps = 0 (var + eps == 0)
+  double rstd = 0.0;
+  double mean() const { return mean_s / scale; }
 };
+
+inline RowStat row_stat(double mean_s, double var_s, double scale, double eps, bool eps_outside) {
+  RowStat st;
+  st.mean_s = mean_s;
+  st.scale = scale;
+  if (std::isnan(var_s) || std::isnan(mean_s)) {  // a NaN or Inf in the row poisons it
+    st.denom_s = st.rstd = kNaN;
+    return st;
+  }
+  st.denom_s = eps_outside ? std::sqrt(var_s) + eps * scale : std::sqrt(var_s + eps * scale * scale);
+  if (st.denom_s == 0.0) {
+    st.rstd = std::numeric_limits<double>::infinity();
+  } else if (std::isinf(st.denom_s)) {
+    // eps * scale^k overflowed: scale > 2^500 (tiny data), so var / (eps) < 2^-1000:
+    // eps alone decides.
+    st.rstd = eps_outside ? 1.0 / eps : 1.0 / std::sqrt(eps);
+  } else {
+    st.rstd = scale / st.denom_s;
+  }
+  return st;
+}
 
 // max |x_i|, or NaN if the row holds a NaN or an Inf (which poisons the row).
 template <class T>
@@ -62,21 +92,10 @@ inline double rescale_for(double max_abs) {
   return std::ldexp(1.0, e);
 }
 
-// rstd from the variance (or mean square) var_s of data scaled by `scale`:
-// var = var_s / scale^2, computed without forming var when it would overflow.
-inline double rstd_from(double var_s, double scale, double eps, bool eps_outside) {
-  if (eps_outside) return 1.0 / (std::sqrt(var_s) / scale + eps);
-  const double es = eps * scale * scale;
-  // es overflows only for tiny data (scale > 2^500), whose var_s / scale^2 is then
-  // below eps * 2^-1000: negligible.
-  if (std::isinf(es)) return 1.0 / std::sqrt(eps);
-  return scale / std::sqrt(var_s + es);
-}
-
-// LayerNorm statistics of one row: mean and rstd in double.
+// LayerNorm statistics of one row.
 template <class Isa, class T>
-Moments row_moments(const T* x, Index n, double eps) {
-  if (n == 0) return {kNaN, kNaN};
+RowStat row_moments(const T* x, Index n, double eps) {
+  if (n == 0) return row_stat(kNaN, kNaN, 1.0, eps, false);
   const double dn = static_cast<double>(n);
   double s = 0.0, s2 = 0.0;
   if constexpr (sizeof(T) <= sizeof(float)) {
@@ -88,45 +107,48 @@ Moments row_moments(const T* x, Index n, double eps) {
     const double x0 = static_cast<double>(x[0]);
     kernels::shifted_sums<Isa>(x, n, 1.0, x0, s, s2);
     const double md = s / dn;
-    const double var = std::max(s2 / dn - md * md, 0.0);  // NaN stays NaN
-    return {x0 + md, rstd_from(var, 1.0, eps, false)};
+    return row_stat(x0 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);
   } else {
-    // Double data: two passes (mean, then shifted sums with the correction term of
-    // Chan, Golub and LeVeque), rescaled by a power of two when the squares leave
-    // double's range (|x| beyond ~1e150 or below ~1e-150).
-    const double m1 = kernels::sum<Isa>(x, n, 1.0) / dn;
+    // Double data: two passes (a mean shifted by x0, then shifted sums with the
+    // correction term of Chan, Golub and LeVeque), rescaled by a power of two when the
+    // squares leave double's range (|x| beyond ~1e150 or below ~1e-150). Shifting the
+    // first pass by x0 makes a constant row's mean exactly x0.
+    const double x0 = static_cast<double>(x[0]);
+    const double m1 = x0 + kernels::sum<Isa>(x, n, 1.0, x0) / dn;
     kernels::shifted_sums<Isa>(x, n, 1.0, m1, s, s2);
     if (s2 < kSumSqHuge && s2 > kSumSqTiny) {
       const double md = s / dn;
-      return {m1 + md, rstd_from(std::max(s2 / dn - md * md, 0.0), 1.0, eps, false)};
+      return row_stat(m1 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);
     }
     const double m = max_abs_or_nan(x, n);
-    if (std::isnan(m)) return {kNaN, kNaN};
-    if (m == 0.0) return {0.0, rstd_from(0.0, 1.0, eps, false)};
+    if (std::isnan(m)) return row_stat(kNaN, kNaN, 1.0, eps, false);
+    if (m == 0.0) return row_stat(0.0, 0.0, 1.0, eps, false);
     const double scale = rescale_for(m);
-    const double m1s = kernels::sum<Isa>(x, n, scale) / dn;
+    const double x0s = static_cast<double>(x[0]) * scale;
+    const double m1s = x0s + kernels::sum<Isa>(x, n, scale, x0s) / dn;
     kernels::shifted_sums<Isa>(x, n, scale, m1s, s, s2);
     const double md = s / dn;
-    return {(m1s + md) / scale, rstd_from(std::max(s2 / dn - md * md, 0.0), scale, eps, false)};
+    return row_stat(m1s + md, std::max(s2 / dn - md * md, 0.0), scale, eps, false);
   }
 }
 
-// RMSNorm statistic of one row: rstd in double.
+// RMSNorm statistics of one row (mean_s = 0).
 template <class Isa, class T>
-double row_rms_rstd(const T* x, Index n, double eps, bool eps_outside) {
-  if (n == 0) return kNaN;
+RowStat row_rms(const T* x, Index n, double eps, bool eps_outside) {
+  if (n == 0) return row_stat(0.0, kNaN, 1.0, eps, eps_outside);
   const double dn = static_cast<double>(n);
   const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
   if constexpr (sizeof(T) <= sizeof(float)) {
-    if (!(ss <= DBL_MAX)) return kNaN;  // only an Inf or NaN in the row gets here
-    return rstd_from(ss / dn, 1.0, eps, eps_outside);
+    // Only an Inf or NaN in the row makes ss non-finite: poison the row (x * 0 would
+    // leave its finite elements at 0).
+    return row_stat(0.0, ss <= DBL_MAX ? ss / dn : kNaN, 1.0, eps, eps_outside);
   } else {
-    if (ss < kSumSqHuge && ss > kSumSqTiny) return rstd_from(ss / dn, 1.0, eps, eps_outside);
+    if (ss < kSumSqHuge && ss > kSumSqTiny) return row_stat(0.0, ss / dn, 1.0, eps, eps_outside);
     const double m = max_abs_or_nan(x, n);
-    if (std::isnan(m)) return kNaN;
-    if (m == 0.0) return rstd_from(0.0, 1.0, eps, eps_outside);
+    if (std::isnan(m)) return row_stat(0.0, kNaN, 1.0, eps, eps_outside);
+    if (m == 0.0) return row_stat(0.0, 0.0, 1.0, eps, eps_outside);
     const double scale = rescale_for(m);
-    return rstd_from(kernels::sum_squares<Isa>(x, n, scale) / dn, scale, eps, eps_outside);
+    return row_stat(0.0, kernels::sum_squares<Isa>(x, n, scale) / dn, scale, eps, eps_outside);
   }
 }
 
@@ -164,13 +186,13 @@ bool stream_output(Index elements) {
   return static_cast<std::size_t>(elements) * sizeof(T) >= NORMKIT_STREAM_MIN_BYTES;
 }
 
-// Rows whose rstd is finite in double but overflows T (float data with eps = 0 and a
-// standard deviation below FLT_MIN): normalize in double, one element at a time.
+// Rows whose rstd overflows T (eps = 0 and a spread below 1 / T's max): normalize in
+// double from the scaled statistics, one element at a time.
 template <class T>
-void normalize_wide(const RowNormSpec& spec, const T* x, T* y, Index n, double mean,
-                    double rstd, const T* gamma, const T* beta) {
+void normalize_wide(const RowNormSpec& spec, const T* x, T* y, Index n, const RowStat& st,
+                    const T* gamma, const T* beta) {
   for (Index i = 0; i < n; ++i) {
-    double v = (static_cast<double>(x[i]) - mean) * rstd;
+    double v = (static_cast<double>(x[i]) * st.scale - st.mean_s) / st.denom_s;
     if (spec.scale == ScaleKind::Gamma) v *= static_cast<double>(gamma[i]);
     if (spec.scale == ScaleKind::OnePlusGamma) v *= 1.0 + static_cast<double>(gamma[i]);
     if (spec.shift) v += static_cast<double>(beta[i]);
@@ -282,29 +304,29 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
             for (Index r = r0; r < r1; ++r) {
               const T* xr = x.data + r * n;
               T* yr = y.data + r * n;
-              double mean = 0.0, rs;
-              if (kC) {
-                const Moments m = row_moments<Isa>(xr, n, spec.eps);
-                mean = m.mean;
-                rs = m.rstd;
-              } else {
-                rs = row_rms_rstd<Isa>(xr, n, spec.eps, spec.eps_outside);
-              }
+              const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
+                                    : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
+              const double mean = st.mean();
               const T hi = static_cast<T>(mean);
               const T lo = static_cast<T>(mean - static_cast<double>(hi));
-              const T rt = static_cast<T>(rs);
+              const T rt = static_cast<T>(st.rstd);
               if (kC) {
                 mean_hi[r] = hi;
                 mean_lo[r] = lo;
               }
               rstd[r] = rt;
-              if (std::isinf(rt) && !std::isinf(rs)) {
-                normalize_wide(spec, xr, yr, n, mean, rs, gamma, beta);
+              if (st.denom_s == 0.0) {
+                // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
+                // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
+                kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
+                                                            beta);
                 continue;
               }
-              // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
-              // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
-              const kernels::RowAffine<T> ra{hi, lo, std::isinf(rs) ? T(0) : rt};
+              if (std::isinf(rt)) {
+                normalize_wide(spec, xr, yr, n, st, gamma, beta);
+                continue;
+              }
+              const kernels::RowAffine<T> ra{hi, lo, rt};
               kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
             }
             if (kSt) Isa::fence();

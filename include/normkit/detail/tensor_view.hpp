@@ -55,7 +55,7 @@ struct View {
       if (i) s += ", ";
       s += std::to_string(dims[static_cast<std::size_t>(i)]);
     }
-    return s + "] (memory order, innermost first)";
+    return s + (rank > 1 ? "] (memory order, innermost first)" : "]");
   }
 };
 
@@ -132,7 +132,8 @@ template <class B>
 std::string inner_str(const View<B>& x, int k) {
   View<B> v = x;
   v.rank = k;
-  return v.str() + " or [" + std::to_string(x.inner(k)) + "]";
+  const std::string flat = "[" + std::to_string(x.inner(k)) + "]";
+  return k == 1 ? flat : v.str() + " or " + flat;
 }
 
 // Outputs may be exactly an input (in place) but must not partly overlap an input or

@@ -1,0 +1,108 @@
+// Test helpers: deterministic data, aligned and misaligned buffers, Eigen views of any
+// rank and layout over the same memory, and tolerances derived from n and epsilon.
+#pragma once
+
+#define EIGEN_USE_THREADS
+#include <catch2/catch.hpp>
+#include <normkit/normkit.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "reference.hpp"
+
+namespace nt {
+
+using Index = Eigen::Index;
+using LD = long double;
+
+inline const std::vector<Index>& sweep_sizes() {
+  static const std::vector<Index> s{1,  2,   3,   7,   15,  16,  17,   31,   32,   33,  63,
+                                    64, 65,  127, 128, 129, 767, 768, 4095, 4096, 4097};
+  return s;
+}
+
+// Aligned storage with an optional offset of `shift` elements from a 64-byte boundary.
+template <class T>
+struct Buffer {
+  std::vector<T> store;
+  T* p = nullptr;
+  std::size_t n = 0;
+  Buffer(std::size_t count, std::size_t shift) : store(count + shift + 64 / sizeof(T)), n(count) {
+    auto a = reinterpret_cast<std::uintptr_t>(store.data());
+    std::size_t pad = ((64 - a % 64) % 64) / sizeof(T);
+    p = store.data() + pad + shift;
+  }
+  T* data() { return p; }
+  const T* data() const { return p; }
+  T& operator[](std::size_t i) { return p[i]; }
+  const T& operator[](std::size_t i) const { return p[i]; }
+  void fill(T v) { std::fill(p, p + n, v); }
+  bool all_equal(T v) const {
+    return std::all_of(p, p + n, [&](T a) { return std::memcmp(&a, &v, sizeof(T)) == 0; });
+  }
+};
+
+template <class T>
+void fill_normal(T* p, std::size_t n, std::uint64_t seed, double mean = 0.0, double sd = 1.0) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> d(mean, sd);
+  for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<T>(d(g));
+}
+
+// Extents in memory order (innermost first) -> an Eigen::DSizes in the index order of
+// the given layout. RowMajor indexes outermost first; ColMajor innermost first.
+template <int R, int Layout>
+Eigen::DSizes<Index, R> index_dims(const std::array<Index, R>& mem) {
+  Eigen::DSizes<Index, R> d;
+  for (int i = 0; i < R; ++i)
+    d[i] = Layout == Eigen::RowMajor ? mem[static_cast<std::size_t>(R - 1 - i)]
+                                     : mem[static_cast<std::size_t>(i)];
+  return d;
+}
+
+template <class T, int R, int Layout>
+using Map = Eigen::TensorMap<Eigen::Tensor<T, R, Layout>>;
+template <class T, int R, int Layout>
+using CMap = Eigen::TensorMap<Eigen::Tensor<const T, R, Layout>>;
+
+template <class T, int R, int Layout>
+Map<T, R, Layout> map(T* p, const std::array<Index, R>& mem) {
+  return Map<T, R, Layout>(p, index_dims<R, Layout>(mem));
+}
+template <class T, int R, int Layout>
+CMap<T, R, Layout> cmap(const T* p, const std::array<Index, R>& mem) {
+  return CMap<T, R, Layout>(p, index_dims<R, Layout>(mem));
+}
+
+template <class T>
+constexpr double eps_of() {
+  return static_cast<double>(std::numeric_limits<T>::epsilon());
+}
+
+// |a - b| <= tol, reporting the first failure with its context.
+struct Mismatch {
+  std::size_t count = 0;
+  std::string first;
+  void check(double got, double want, double tol, std::size_t i, const char* what) {
+    const bool ok = (std::isnan(want) && std::isnan(got)) ||
+                    (std::isinf(want) && got == want) || std::fabs(got - want) <= tol;
+    if (!ok && count++ == 0) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "%s[%zu]: got %.10g, want %.10g, tol %.3g, diff %.3g", what,
+                    i, got, want, tol, std::fabs(got - want));
+      first = buf;
+    }
+  }
+};
+
+}  // namespace nt
