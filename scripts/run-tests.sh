@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# normkit's test suite, as CI runs it (.ci/run):
+#   1. gcc Release, -Werror, tests and examples (benches off): build, ctest
+#      (unit tests per SIMD backend, the examples, the install/consumer package tests);
+#   2. ASan + UBSan (NORMKIT_SANITIZE), Debug at -O1, -Werror, tests only: build, ctest.
+# Installs the Debian packages it needs when they are missing (run as root, or with sudo).
+# Build dirs: build/gcc-release, build/asan-ubsan. Ends with "run-tests: N passed, 0 failed".
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$NORMKIT_ROOT"
+
+jobs="$(nproc)"
+passed=0
+step="setup"
+trap 'report_failure run-tests "$step"' EXIT
+
+# ctest_in DIR: runs DIR's tests; adds their count to $passed. Fails if any fails, or if
+# there are none (a suite that ran nothing has tested nothing).
+ctest_in() {
+  local log="$1/ctest.log"
+  (cd "$1" && ctest --output-on-failure --no-tests=error -j "$jobs") 2>&1 | tee "$log"
+  local n
+  n="$(sed -n 's/^100% tests passed, 0 tests failed out of \([0-9][0-9]*\)$/\1/p' "$log")"
+  passed=$((passed + ${n:-0}))
+}
+
+log "Debian packages"
+ensure_debs g++ make cmake libeigen3-dev catch2 -- ccache
+find_launcher
+
+step="gcc Release"
+log "$step: configure build/gcc-release"
+cmake -S . -B build/gcc-release -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Release \
+  "${LAUNCHER_ARGS[@]}" -DNORMKIT_WERROR=ON \
+  -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_EXAMPLES=ON -DNORMKIT_BUILD_BENCH=OFF
+log "$step: build (-j$jobs)"
+cmake --build build/gcc-release -j "$jobs"
+log "$step: ctest"
+ctest_in build/gcc-release
+
+step="ASan+UBSan"
+# -O1: ASan's own advice for usable speed with exact stacks; -fno-omit-frame-pointer and
+# -fno-sanitize-recover=all come with NORMKIT_SANITIZE (tests/CMakeLists.txt). The
+# options below make any report fail its test, whatever the flags.
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+log "$step: configure build/asan-ubsan"
+cmake -S . -B build/asan-ubsan -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Debug \
+  -DCMAKE_CXX_FLAGS_DEBUG="-g -O1" "${LAUNCHER_ARGS[@]}" -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
+  -DNORMKIT_SANITIZE=ON -DNORMKIT_WERROR=ON \
+  -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_EXAMPLES=OFF -DNORMKIT_BUILD_BENCH=OFF
+log "$step: build (-j$jobs)"
+cmake --build build/asan-ubsan -j "$jobs"
+# A sanitizer build that instruments nothing would pass silently: check the flag is there.
+if ! grep -qs -- '-fsanitize=address' build/asan-ubsan/compile_commands.json; then
+  echo "error: NORMKIT_SANITIZE=ON compiled no test with -fsanitize=address" >&2
+  exit 1
+fi
+log "$step: ctest"
+ctest_in build/asan-ubsan
+
+step="summary"
+log "run-tests: both configurations passed in ${SECONDS}s"
+echo "run-tests: ${passed} passed, 0 failed"
