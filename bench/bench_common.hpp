@@ -1,0 +1,585 @@
+// normkit benchmarks: what bench/layer_norm.cpp and bench/rms_norm.cpp share.
+//
+//  - the shapes, the 64-byte-aligned buffers and a per-shape workspace of them;
+//  - the 2-thread Eigen::ThreadPool / ThreadPoolDevice;
+//  - the copy roofline: memcpy and non-temporal-store copies (forward bytes) and
+//    dst = a + b with ordinary or non-temporal stores (backward bytes);
+//  - registration of benchmarks with metadata, a reporter that records every result
+//    (median of the repetitions) while the default display reporter prints as usual,
+//    and a main() that adds the --quick mode and prints the ratio-to-roofline table.
+//
+// Byte counts (the bytes_per_second counter, and the roofline moving the same bytes):
+//   forward:  read x, write y            2 * rows * features * sizeof(float)
+//   backward: read x and dy, write dx    3 * rows * features * sizeof(float)
+// dgamma/dbeta and the per-row statistics are not counted (they are O(features + rows)).
+#pragma once
+
+#ifndef EIGEN_USE_THREADS
+#define EIGEN_USE_THREADS
+#endif
+
+#include <benchmark/benchmark.h>
+
+// g++ 12 flags its own AVX-512 intrinsics that start from _mm512_undefined_ps() (the
+// broadcast and gather that Eigen's tensor block code uses, inlined into the naive
+// baseline) with -Wmaybe-uninitialized: a false positive (GCC bug 105593).
+// The diagnostic is attributed to the intrinsic header's lines, so ignoring it while
+// the headers are first included silences exactly those.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <unsupported/Eigen/CXX11/Tensor>
+#include <unsupported/Eigen/CXX11/ThreadPool>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <new>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace nkbench {
+
+using Index = Eigen::Index;
+
+// ---------------------------------------------------------------------------------
+// Shapes.
+
+struct Shape {
+  Index rows;
+  Index features;
+  Index size() const { return rows * features; }
+  std::string str() const { return std::to_string(rows) + "x" + std::to_string(features); }
+  bool operator<(const Shape& o) const {
+    return rows != o.rows ? rows < o.rows : features < o.features;
+  }
+  bool operator==(const Shape& o) const { return rows == o.rows && features == o.features; }
+};
+
+inline const std::vector<Shape>& shapes() {
+  static const std::vector<Shape> s{{64, 4096}, {4096, 4096}, {16384, 768}, {2048, 8192}};
+  return s;
+}
+
+inline const std::vector<int>& thread_counts() {
+  static const std::vector<int> t{1, 2};
+  return t;
+}
+
+enum class Dir { Fwd, Bwd };
+inline const char* dir_str(Dir d) { return d == Dir::Fwd ? "fwd" : "bwd"; }
+
+// Bytes one call moves (see the top of this file).
+inline std::int64_t bytes_of(Dir d, const Shape& s) {
+  return (d == Dir::Fwd ? 2 : 3) * static_cast<std::int64_t>(s.size()) *
+         static_cast<std::int64_t>(sizeof(float));
+}
+
+// ---------------------------------------------------------------------------------
+// 64-byte-aligned float buffers.
+
+class Buffer {
+ public:
+  explicit Buffer(Index n) : n_(n) {
+    const std::size_t bytes = static_cast<std::size_t>(std::max<Index>(n, 1)) * sizeof(float);
+    const std::size_t rounded = (bytes + 63) / 64 * 64;
+    p_ = static_cast<float*>(std::aligned_alloc(64, rounded));
+    if (p_ == nullptr) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  float* data() { return p_; }
+  const float* data() const { return p_; }
+  Index size() const { return n_; }
+
+  // Deterministic uniform values in [center - half_width, center + half_width).
+  void fill_uniform(std::uint64_t seed, float center, float half_width) {
+    std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
+    for (Index i = 0; i < n_; ++i) {
+      // splitmix64
+      std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      const float u = static_cast<float>(z >> 40) * 0x1p-24f;  // [0, 1)
+      p_[i] = center + half_width * (2.0f * u - 1.0f);
+    }
+  }
+  void fill_value(float v) { std::fill(p_, p_ + n_, v); }
+
+ private:
+  Index n_;
+  float* p_ = nullptr;
+};
+
+// Every buffer the ops use at one shape, filled once (first touch happens here).
+struct Workspace {
+  explicit Workspace(const Shape& sh)
+      : shape(sh),
+        x(sh.size()),
+        y(sh.size()),
+        dy(sh.size()),
+        dx(sh.size()),
+        gamma(sh.features),
+        beta(sh.features),
+        dgamma(sh.features),
+        dbeta(sh.features) {
+    x.fill_uniform(1, 0.5f, 2.0f);  // non-zero mean: the centring matters
+    dy.fill_uniform(2, 0.0f, 1.0f);
+    gamma.fill_uniform(3, 1.0f, 0.25f);
+    beta.fill_uniform(4, 0.0f, 0.25f);
+    y.fill_value(0.0f);
+    dx.fill_value(0.0f);
+    dgamma.fill_value(0.0f);
+    dbeta.fill_value(0.0f);
+  }
+
+  Shape shape;
+  Buffer x, y, dy, dx, gamma, beta, dgamma, dbeta;
+};
+
+// One workspace per shape, created on first use and kept (all four shapes together
+// hold about 1 GB).
+inline Workspace& workspace(const Shape& s) {
+  static std::map<Shape, std::unique_ptr<Workspace>> cache;
+  std::unique_ptr<Workspace>& w = cache[s];
+  if (!w) w = std::make_unique<Workspace>(s);
+  return *w;
+}
+
+// RowMajor [rows, features] and [features] maps over the buffers.
+using Mat = Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>, Eigen::Aligned64>;
+using CMat = Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>, Eigen::Aligned64>;
+using Vec = Eigen::TensorMap<Eigen::Tensor<float, 1, Eigen::RowMajor>, Eigen::Aligned64>;
+using CVec = Eigen::TensorMap<const Eigen::Tensor<float, 1, Eigen::RowMajor>, Eigen::Aligned64>;
+
+inline Mat mat(Buffer& b, const Shape& s) { return Mat(b.data(), s.rows, s.features); }
+inline CMat cmat(const Buffer& b, const Shape& s) { return CMat(b.data(), s.rows, s.features); }
+inline Vec vec(Buffer& b) { return Vec(b.data(), b.size()); }
+inline CVec cvec(const Buffer& b) { return CVec(b.data(), b.size()); }
+
+// ---------------------------------------------------------------------------------
+// Threads.
+
+constexpr int kPoolThreads = 2;
+
+struct Pool {
+  Eigen::ThreadPool pool{kPoolThreads};
+  Eigen::ThreadPoolDevice device{&pool, kPoolThreads};
+};
+
+inline Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+// f(device) with Eigen::DefaultDevice for 1 thread, the pool's ThreadPoolDevice for 2.
+template <class F>
+void with_device(int threads, F&& f) {
+  if (threads <= 1) {
+    f(Eigen::DefaultDevice{});
+  } else {
+    f(pool().device);
+  }
+}
+
+// f(begin, end) over [0, n) split into `threads` contiguous parts whose boundaries are
+// multiples of 16 floats (64 bytes). Part 0 runs on the calling thread, the others on
+// the pool, as Eigen's ThreadPoolDevice::parallelFor does with its first block.
+template <class F>
+void split_run(int threads, Index n, F&& f) {
+  const int t = std::max(1, std::min(threads, kPoolThreads));
+  if (t == 1) {
+    f(Index{0}, n);
+    return;
+  }
+  auto bound = [&](int k) {
+    if (k >= t) return n;
+    return (n * k / t) / 16 * 16;
+  };
+  Eigen::Barrier done(static_cast<unsigned int>(t - 1));
+  for (int k = 1; k < t; ++k) {
+    const Index b = bound(k), e = bound(k + 1);
+    pool().pool.Schedule([&f, &done, b, e] {
+      f(b, e);
+      done.Notify();
+    });
+  }
+  f(Index{0}, bound(1));
+  done.Wait();
+}
+
+// ---------------------------------------------------------------------------------
+// Copy roofline kernels. Each moves exactly the bytes of the op it bounds.
+
+// Forward: dst = src with memcpy (glibc picks its own strategy, non-temporal stores
+// for large sizes).
+inline void copy_memcpy(const float* src, float* dst, Index n, int threads) {
+  split_run(threads, n, [&](Index b, Index e) {
+    std::memcpy(dst + b, src + b, static_cast<std::size_t>(e - b) * sizeof(float));
+  });
+}
+
+// Forward: dst = src with non-temporal stores and an sfence.
+inline void copy_stream(const float* src, float* dst, Index n, int threads) {
+  split_run(threads, n, [&](Index b, Index e) {
+    Index i = b;
+#if defined(__AVX512F__)
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 64 != 0; ++i) dst[i] = src[i];
+    for (; i + 64 <= e; i += 64) {
+      const __m512 v0 = _mm512_loadu_ps(src + i);
+      const __m512 v1 = _mm512_loadu_ps(src + i + 16);
+      const __m512 v2 = _mm512_loadu_ps(src + i + 32);
+      const __m512 v3 = _mm512_loadu_ps(src + i + 48);
+      _mm512_stream_ps(dst + i, v0);
+      _mm512_stream_ps(dst + i + 16, v1);
+      _mm512_stream_ps(dst + i + 32, v2);
+      _mm512_stream_ps(dst + i + 48, v3);
+    }
+    for (; i + 16 <= e; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__AVX__)
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 32 != 0; ++i) dst[i] = src[i];
+    for (; i + 8 <= e; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    for (; i < e; ++i) dst[i] = src[i];
+    _mm_sfence();
+  });
+}
+
+// Backward: dst = a + b with ordinary stores (the cached-store counterpart of memcpy;
+// a memcpy of 1.5 n floats would move the same bytes but in a 1:1 instead of the
+// op's 2:1 read:write mix).
+inline void add_store(const float* a, const float* bsrc, float* dst, Index n, int threads) {
+  split_run(threads, n, [&](Index b, Index e) {
+    Index i = b;
+#if defined(__AVX512F__)
+    for (; i + 32 <= e; i += 32) {
+      _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bsrc + i)));
+      _mm512_storeu_ps(dst + i + 16,
+                       _mm512_add_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(bsrc + i + 16)));
+    }
+#endif
+    for (; i < e; ++i) dst[i] = a[i] + bsrc[i];
+  });
+}
+
+// Backward: dst = a + b with non-temporal stores and an sfence.
+inline void add_stream(const float* a, const float* bsrc, float* dst, Index n, int threads) {
+  split_run(threads, n, [&](Index b, Index e) {
+    Index i = b;
+#if defined(__AVX512F__)
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 64 != 0; ++i)
+      dst[i] = a[i] + bsrc[i];
+    for (; i + 32 <= e; i += 32) {
+      const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bsrc + i));
+      const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(bsrc + i + 16));
+      _mm512_stream_ps(dst + i, v0);
+      _mm512_stream_ps(dst + i + 16, v1);
+    }
+    for (; i + 16 <= e; i += 16)
+      _mm512_stream_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bsrc + i)));
+#elif defined(__AVX__)
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 32 != 0; ++i)
+      dst[i] = a[i] + bsrc[i];
+    for (; i + 8 <= e; i += 8)
+      _mm256_stream_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(bsrc + i)));
+#endif
+    for (; i < e; ++i) dst[i] = a[i] + bsrc[i];
+    _mm_sfence();
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Registration with metadata.
+
+enum class Kind { Kernel, Baseline, Roofline };
+
+struct Meta {
+  std::string op;  // "layer_norm", "rms_norm", "eigen_naive_layer_norm", or the roofline variant
+  Kind kind;
+  Dir dir;
+  Shape shape;
+  int threads;
+};
+
+struct Registry {
+  std::vector<std::string> order;    // registration order
+  std::map<std::string, Meta> meta;  // by benchmark function name
+};
+
+inline Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+inline std::string bench_name(const Meta& m) {
+  const std::string prefix = m.kind == Kind::Roofline ? "roofline_" + m.op : m.op;
+  return prefix + "/" + dir_str(m.dir) + "/" + m.shape.str() + "/t" + std::to_string(m.threads);
+}
+
+// Registers a benchmark named from m that times op(). Before the timing loop it runs
+// setup() (if given; a non-empty message skips the benchmark with that error), then
+// op() once as the warm-up (the buffers were filled when the workspace was created).
+template <class Op>
+void add_bench(const Meta& m, Op op, std::function<std::string()> setup = {}) {
+  const std::string name = bench_name(m);
+  const std::int64_t bytes = bytes_of(m.dir, m.shape);
+  registry().order.push_back(name);
+  registry().meta.emplace(name, m);
+  benchmark::RegisterBenchmark(
+      name.c_str(),
+      [op, setup, bytes](benchmark::State& state) {
+        if (setup) {
+          const std::string err = setup();
+          if (!err.empty()) {
+            state.SkipWithError(err.c_str());
+            return;
+          }
+        }
+        op();
+        for (auto _ : state) {
+          op();
+          benchmark::ClobberMemory();
+        }
+        state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * bytes);
+      })
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
+// The copy rooflines of both directions at one shape and thread count.
+inline void register_rooflines(const Shape& s, int t) {
+  add_bench({"copy_memcpy", Kind::Roofline, Dir::Fwd, s, t}, [s, t] {
+    Workspace& w = workspace(s);
+    copy_memcpy(w.x.data(), w.y.data(), s.size(), t);
+  });
+  add_bench({"copy_stream", Kind::Roofline, Dir::Fwd, s, t}, [s, t] {
+    Workspace& w = workspace(s);
+    copy_stream(w.x.data(), w.y.data(), s.size(), t);
+  });
+  add_bench({"add_store", Kind::Roofline, Dir::Bwd, s, t}, [s, t] {
+    Workspace& w = workspace(s);
+    add_store(w.x.data(), w.dy.data(), w.dx.data(), s.size(), t);
+  });
+  add_bench({"add_stream", Kind::Roofline, Dir::Bwd, s, t}, [s, t] {
+    Workspace& w = workspace(s);
+    add_stream(w.x.data(), w.dy.data(), w.dx.data(), s.size(), t);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Collecting results: forwards everything to the display reporter (so --benchmark_format
+// and the console output behave as usual) and keeps bytes_per_second per benchmark.
+
+struct Result {
+  std::vector<double> samples;  // per repetition (absent with display_aggregates_only)
+  double median = -1.0;         // the "median" aggregate, if repetitions > 1
+  std::int64_t repetitions = 1;
+
+  double value() const {
+    if (median >= 0.0) return median;
+    if (samples.empty()) return -1.0;
+    std::vector<double> s = samples;
+    std::sort(s.begin(), s.end());
+    const std::size_t k = s.size() / 2;
+    return s.size() % 2 ? s[k] : 0.5 * (s[k - 1] + s[k]);
+  }
+};
+
+class Collector : public benchmark::BenchmarkReporter {
+ public:
+  explicit Collector(benchmark::BenchmarkReporter* display) : display_(display) {}
+
+  bool ReportContext(const Context& context) override { return display_->ReportContext(context); }
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const auto it = r.counters.find("bytes_per_second");
+      if (it == r.counters.end()) continue;
+      Result& res = results_[r.run_name.function_name];
+      res.repetitions = r.repetitions;
+      if (r.run_type == Run::RT_Aggregate) {
+        if (r.aggregate_name == "median") res.median = it->second.value;
+      } else {
+        res.samples.push_back(it->second.value);
+      }
+    }
+    display_->ReportRuns(runs);
+  }
+
+  void Finalize() override { display_->Finalize(); }
+
+  const std::map<std::string, Result>& results() const { return results_; }
+
+ private:
+  benchmark::BenchmarkReporter* display_;
+  std::map<std::string, Result> results_;
+};
+
+// ---------------------------------------------------------------------------------
+// The summary table.
+
+// Targets of the issue (single thread, medians): forward >= 0.85 of the roofline on
+// the DRAM-sized shapes (x larger than 16 MiB: all but [64, 4096], whose 1 MiB x stays
+// in L2/L3 between iterations) and >= 0.60 on [64, 4096]; backward >= 0.75.
+inline double target_of(const Meta& m) {
+  if (m.kind != Kind::Kernel || m.threads != 1) return -1.0;
+  if (m.dir == Dir::Bwd) return 0.75;
+  const bool dram = static_cast<double>(m.shape.size()) * sizeof(float) > 16.0 * (1 << 20);
+  return dram ? 0.85 : 0.60;
+}
+
+inline void print_summary(std::FILE* out, const Collector& c) {
+  const Registry& reg = registry();
+  const auto& res = c.results();
+  auto value_of = [&](const std::string& name) {
+    const auto it = res.find(name);
+    return it == res.end() ? -1.0 : it->second.value();
+  };
+
+  std::int64_t reps = 0;
+  for (const auto& r : res) reps = std::max(reps, r.second.repetitions);
+  std::fprintf(out,
+               "\n==== normkit roofline summary: GB/s = 1e9 bytes/s of the counted traffic, "
+               "median of %lld repetition(s);\n"
+               "     ratio = kernel GB/s / best roofline GB/s at the same shape, direction "
+               "and thread count\n\n",
+               static_cast<long long>(reps));
+
+  // Rooflines first: every variant, and the best.
+  std::fprintf(out, "%-4s %-12s %3s %12s %12s %12s %12s  %s\n", "dir", "shape", "thr", "memcpy",
+               "copy_stream", "add_store", "add_stream", "best");
+  std::map<std::string, std::pair<double, std::string>> best;  // key: dir/shape/threads
+  auto key_of = [](const Meta& m) {
+    return std::string(dir_str(m.dir)) + "/" + m.shape.str() + "/" + std::to_string(m.threads);
+  };
+  for (const std::string& name : reg.order) {
+    const Meta& m = reg.meta.at(name);
+    if (m.kind != Kind::Roofline) continue;
+    const double v = value_of(name);
+    auto& b = best[key_of(m)];
+    if (v > b.first) b = {v, m.op};
+  }
+  for (Dir d : {Dir::Fwd, Dir::Bwd}) {
+    for (const Shape& s : shapes()) {
+      for (int t : thread_counts()) {
+        const std::string k = std::string(dir_str(d)) + "/" + s.str() + "/" + std::to_string(t);
+        if (best.find(k) == best.end() || best[k].first <= 0.0) continue;  // not run
+        std::fprintf(out, "%-4s %-12s %3d", dir_str(d), s.str().c_str(), t);
+        for (const char* variant : {"copy_memcpy", "copy_stream", "add_store", "add_stream"}) {
+          const double v = value_of(bench_name({variant, Kind::Roofline, d, s, t}));
+          if (v > 0)
+            std::fprintf(out, " %12.2f", v / 1e9);
+          else
+            std::fprintf(out, " %12s", "-");
+        }
+        std::fprintf(out, "  %s\n", best[k].second.c_str());
+      }
+    }
+  }
+
+  std::fprintf(out, "\n%-24s %-4s %-12s %3s %9s %9s %-12s %7s %7s\n", "op", "dir", "shape", "thr",
+               "GB/s", "roof GB/s", "roof kind", "ratio", "target");
+  for (const std::string& name : reg.order) {
+    const Meta& m = reg.meta.at(name);
+    if (m.kind == Kind::Roofline) continue;
+    const double v = value_of(name);
+    if (res.find(name) == res.end()) continue;  // filtered out or skipped
+    const auto bit = best.find(key_of(m));
+    const double roof = bit == best.end() ? -1.0 : bit->second.first;
+    std::fprintf(out, "%-24s %-4s %-12s %3d", m.op.c_str(), dir_str(m.dir), m.shape.str().c_str(),
+                 m.threads);
+    if (v > 0)
+      std::fprintf(out, " %9.2f", v / 1e9);
+    else
+      std::fprintf(out, " %9s", "n/a");
+    if (roof > 0)
+      std::fprintf(out, " %9.2f %-12s", roof / 1e9, bit->second.second.c_str());
+    else
+      std::fprintf(out, " %9s %-12s", "n/a", "");
+    if (v > 0 && roof > 0)
+      std::fprintf(out, " %7.3f", v / roof);
+    else
+      std::fprintf(out, " %7s", "n/a");
+    const double tgt = target_of(m);
+    if (tgt > 0 && v > 0 && roof > 0)
+      std::fprintf(out, " %7.2f %s\n", tgt, v / roof >= tgt ? "ok" : "MISS");
+    else
+      std::fprintf(out, " %7s\n", "-");
+  }
+  std::fflush(out);
+}
+
+// ---------------------------------------------------------------------------------
+// main(): flags, run, summary.
+//
+// --quick (or NORMKIT_BENCH_QUICK=1 in the environment) prepends
+//   --benchmark_min_time=0.1 --benchmark_repetitions=3
+// otherwise --benchmark_repetitions=5 is prepended. Both modes also prepend
+//   --benchmark_display_aggregates_only=true --benchmark_enable_random_interleaving=true
+// Interleaving runs the repetitions of all benchmarks in random order, so that a kernel
+// and its roofline sample the same stretches of a shared machine's memory bandwidth
+// (which drifts by +-15% over minutes here) and their ratio is steadier. Flags given on
+// the command line come later and win.
+
+inline int run_main(int argc, char** argv, const std::function<void()>& register_all) {
+  bool quick = false;
+  if (const char* e = std::getenv("NORMKIT_BENCH_QUICK")) quick = e[0] != '\0' && e[0] != '0';
+  bool console = true;
+  std::vector<std::string> user;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick") {
+      quick = true;
+      continue;
+    }
+    if (a.rfind("--benchmark_format=", 0) == 0 && a != "--benchmark_format=console")
+      console = false;
+    user.push_back(a);
+  }
+  std::vector<std::string> args{argv[0]};
+  if (quick) {
+    args.push_back("--benchmark_min_time=0.1");
+    args.push_back("--benchmark_repetitions=3");
+  } else {
+    args.push_back("--benchmark_repetitions=5");
+  }
+  args.push_back("--benchmark_display_aggregates_only=true");
+  args.push_back("--benchmark_enable_random_interleaving=true");
+  args.insert(args.end(), user.begin(), user.end());
+  std::vector<char*> cargs;
+  for (std::string& a : args) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  int cargc = static_cast<int>(args.size());
+
+  benchmark::Initialize(&cargc, cargs.data());
+  if (benchmark::ReportUnrecognizedArguments(cargc, cargs.data())) return 1;
+  benchmark::AddCustomContext("normkit_bench_mode", quick ? "quick" : "full");
+
+  register_all();
+  Collector collector(benchmark::CreateDefaultDisplayReporter());
+  benchmark::RunSpecifiedBenchmarks(&collector);
+  // The summary goes to stdout with the console format, to stderr otherwise (so that
+  // JSON or CSV on stdout stays parseable).
+  print_summary(console ? stdout : stderr, collector);
+  benchmark::Shutdown();
+  return 0;
+}
+
+}  // namespace nkbench

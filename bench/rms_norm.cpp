@@ -1,0 +1,76 @@
+// clang-format off
+// Benchmarks of normkit::RMSNorm<float> (gamma), forward and backward, against the copy
+// roofline of the same bytes. After the runs a table gives each kernel's GB/s, the best
+// roofline GB/s at the same shape and thread count, and their ratio. See
+// bench_common.hpp for the byte counts.
+//
+// Build (Release; the bench targets add -O3 -march=native):
+//   cd /work/main
+//   cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
+//   cmake --build build/bench -j2
+// Run:
+//   build/bench/bench/bench_rms_norm --quick       # min_time 0.1 s, 3 repetitions (~30 s)
+//   NORMKIT_BENCH_QUICK=1 build/bench/bench/bench_rms_norm          # the same
+//   build/bench/bench/bench_rms_norm               # 5 repetitions, default min_time
+//   build/bench/bench/bench_rms_norm --quick --benchmark_filter='/bwd/2048x8192/'
+// Any --benchmark_* flag works and overrides the mode's defaults. The table uses the
+// median of the repetitions.
+// clang-format on
+#define EIGEN_USE_THREADS
+
+// bench_common.hpp first: it defines EIGEN_USE_THREADS and includes Eigen and
+// <immintrin.h> under its g++ 12 warning workaround.
+#include "bench_common.hpp"
+// (separate block: keep clang-format from reordering)
+#include <normkit/rms_norm.hpp>
+
+namespace {
+
+using namespace nkbench;
+
+const normkit::RMSNorm<float> kRMSNorm(1, 1e-6, normkit::RmsWeight::Scale,
+                                       normkit::EpsPlacement::Inside);
+
+void forward(Workspace& w, int threads, normkit::RowStats<float>& saved) {
+  const CMat x = cmat(w.x, w.shape);
+  Mat y = mat(w.y, w.shape);
+  const auto params = normkit::affine(cvec(w.gamma));
+  with_device(threads, [&](const auto& device) { kRMSNorm.forward(x, params, y, saved, device); });
+}
+
+void backward(Workspace& w, int threads, const normkit::RowStats<float>& saved) {
+  const CMat x = cmat(w.x, w.shape);
+  const CMat dy = cmat(w.dy, w.shape);
+  Mat dx = mat(w.dx, w.shape);
+  Vec dgamma = vec(w.dgamma);
+  const auto params = normkit::affine(cvec(w.gamma));
+  with_device(threads, [&](const auto& device) {
+    kRMSNorm.backward(dy, x, params, saved, dx, dgamma, device);
+  });
+}
+
+void register_all() {
+  for (const Shape& s : shapes()) {
+    for (int t : thread_counts()) {
+      register_rooflines(s, t);
+
+      auto fwd_saved = std::make_shared<normkit::RowStats<float>>();
+      add_bench({"rms_norm", Kind::Kernel, Dir::Fwd, s, t},
+                [s, t, fwd_saved] { forward(workspace(s), t, *fwd_saved); });
+
+      // Backward uses statistics from a forward pass over the same x, run in setup.
+      auto bwd_saved = std::make_shared<normkit::RowStats<float>>();
+      add_bench(
+          {"rms_norm", Kind::Kernel, Dir::Bwd, s, t},
+          [s, t, bwd_saved] { backward(workspace(s), t, *bwd_saved); },
+          [s, t, bwd_saved] {
+            forward(workspace(s), t, *bwd_saved);
+            return std::string();
+          });
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return nkbench::run_main(argc, argv, register_all); }
