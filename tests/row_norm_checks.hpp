@@ -176,8 +176,9 @@ void compare_forward(const Op& o, const Problem<T>& pr, const T* x, const T* y,
 // 4 n eps_d max|xhat|, as in forward), and the double sum over rows adds 4 rows eps_d.
 // dbeta_j = sum_r dy: one rounding of T plus the double sum.
 template <class Op, class T>
-void compare_backward(const Op& o, const Problem<T>& pr, const T* dx, const T* dg,
-                      const std::common_type_t<T>* db, const char* what) {
+void compare_backward(const Op& o, const Problem<T>& pr, const std::common_type_t<T>* dx,
+                      const std::common_type_t<T>* dg, const std::common_type_t<T>* db,
+                      const char* what) {
   const auto n = static_cast<std::size_t>(pr.n), rows = static_cast<std::size_t>(pr.rows);
   std::vector<LD> dxr, dgr, dbr;
   ref::backward(o.rop, pr.dy.data(), pr.x.data(), rows, n, pr.gamma.data(), dxr, dgr, dbr);
@@ -264,15 +265,17 @@ void run_case(const Op& o, Problem<typename Op::type>& pr, bool in_place, bool f
   compare_backward(o, pr, dx.data(), has_g ? dg.data() : nullptr, has_b ? db.data() : nullptr,
                    "backward");
 
-  // Output mask: each gradient alone is bitwise what the full call gave.
+  // Output mask: each gradient alone, against the reference. (Not bitwise against the
+  // full call: each mask is its own kernel instantiation, and the compiler may contract
+  // a multiply and an add differently in each.)
   if (has_g) {
     Buffer<T> dx2(pr.x.n, pr.shift), dg2(pr.gamma.n, pr.shift);
     auto dx2m = map<T, R, Layout>(dx2.data(), dims);
     o.backward(dym, xm, p, st, dx2m, normkit::skip, normkit::skip);
-    CHECK(std::memcmp(dx2.data(), dx.data(), dx.n * sizeof(T)) == 0);
+    compare_backward(o, pr, dx2.data(), nullptr, nullptr, "backward, dx only");
     o.backward(dym, xm, p, st, normkit::skip, map<T, 1, Eigen::ColMajor>(dg2.data(), {pr.n}),
                normkit::skip);
-    CHECK(std::memcmp(dg2.data(), dg.data(), dg.n * sizeof(T)) == 0);
+    compare_backward(o, pr, nullptr, dg2.data(), nullptr, "backward, dgamma only");
   }
   // In-place backward: dx written over dy.
   if (in_place) {

@@ -17,12 +17,17 @@
 namespace normkit {
 namespace detail {
 
-// 32 chunks: enough to balance any thread pool up to a few dozen threads, few enough
+// At most 32 chunks: enough to balance a thread pool of a few dozen threads, few enough
 // that the per-chunk double accumulators (32 * n * 16 bytes, 4 MiB at n = 8192) stay a
-// few percent of the traffic of a backward pass.
+// few percent of the traffic of a backward pass. At least 64 rows per chunk, so that a
+// small batch (64 rows of 4096) does not spend more time on the accumulators than on
+// its rows.
 constexpr Index kReduceChunks = 32;
+constexpr Index kMinChunkRows = 64;
 
-inline Index reduce_chunks(Index rows) { return std::min(rows, kReduceChunks); }
+inline Index reduce_chunks(Index rows) {
+  return std::max<Index>(1, std::min(rows / kMinChunkRows, kReduceChunks));
+}
 inline Index chunk_begin(Index c, Index rows, Index chunks) { return rows * c / chunks; }
 
 template <class Device, class = void>

@@ -9,6 +9,7 @@
 // widening is one conversion per 8 floats and the kernels are bound by memory, not FMAs.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -150,6 +151,17 @@ inline double sum_squares(const T* x, Index n, double scale) {
   return A::reduce(a[0]) + t;
 }
 
+// a * b + c for the scalar paths, fused where the target has FMA (as the vector paths
+// are), so that no instantiation is left to the compiler's contraction choices.
+template <class T>
+inline T fmadd_s(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // Parameters of the element-wise passes: xhat = ((x - mean_hi) - mean_lo) * rstd when
 // centring (the mean split in two T so that x - mean_hi is exact for x near the mean),
 // xhat = x * rstd when not.
@@ -162,6 +174,7 @@ template <class Isa, class T, bool Center>
 struct Xhat {
   using P = typename Isa::template Pack<T>;
   typename P::V hi, lo, rstd;
+  Xhat() = default;
   explicit Xhat(const RowAffine<T>& r) : hi(P::set1(r.mean_hi)), lo(P::set1(r.mean_lo)),
                                          rstd(P::set1(r.rstd)) {}
   typename P::V operator()(typename P::V x) const {
@@ -267,66 +280,126 @@ inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
   sum_gx = A::reduce(agx[0]) + tgx;
 }
 
-// Backward, second pass over a row:
-//   dx_i = rstd * (g_i - a - xhat_i * b)        (WantDx; a = mean(g), b = mean(g xhat))
-//   dgamma_acc_i += dy_i * xhat_i                (WantDg; double accumulators)
-//   dbeta_acc_i  += dy_i                         (WantDb)
-// dx may be dy or x (in place).
-template <class Isa, class T, bool Center, ScaleKind S, bool WantDx, bool WantDg, bool WantDb,
-          bool Stream>
-inline void backward_row(const T* dy, const T* x, const T* gamma, Index n,
-                         const RowAffine<T>& r, T a, T b, T* dx, double* dgamma_acc,
-                         double* dbeta_acc) {
+// Backward, second pass over R rows at once (R = 1, 2 or 4):
+//   dx_ri = rstd_r * (g_ri - a_r - xhat_ri * b_r)     (WantDx; a = mean(g), b = mean(g xhat))
+//   dgamma_acc_i += sum_r dy_ri * xhat_ri              (WantDg; double accumulators)
+//   dbeta_acc_i  += sum_r dy_ri                        (WantDb)
+// The R products are summed pairwise in T before one read-modify-write of the double
+// accumulators: at 4096 features those are 64 KiB each, beyond L1, and the traffic to
+// them was the bound (16 bytes of accumulator per 4-byte element and row). The pairwise
+// sum of 4 adds at most 2 roundings of T to each term. dx may be dy or x (in place).
+// Stream (non-temporal dx stores) requires every dx row to share its alignment.
+template <class T, int R>
+struct RowsArgs {
+  const T* dy[R];
+  const T* x[R];
+  T* dx[R];
+  RowAffine<T> ra[R];
+  T a[R], b[R];
+};
+
+template <int R, class V, class Add>
+V pairwise(V* v, Add add) {
+  if (R >= 2) v[0] = add(v[0], v[1]);
+  if (R >= 4) {
+    v[2] = add(v[2], v[3]);
+    v[0] = add(v[0], v[2]);
+  }
+  return v[0];
+}
+
+template <class Isa, class T, int R, bool Center, ScaleKind S, bool WantDx, bool WantDg,
+          bool WantDb, bool Stream>
+inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, double* dgamma_acc,
+                          double* dbeta_acc) {
+  static_assert(R == 1 || R == 2 || R == 4, "backward_rows: R must be 1, 2 or 4");
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
+  using VT = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr Index WA = static_cast<Index>(A::W);
   auto scalar_at = [&](Index i) {
-    const T d = dy[i];
-    const T xh = X::scalar(r, x[i]);
-    if (WantDg) dgamma_acc[i] += static_cast<double>(d * xh);
-    if (WantDb) dbeta_acc[i] += static_cast<double>(d);
-    if (WantDx) {
-      T g = d;
-      if (S != ScaleKind::None) g *= G::scalar(gamma + i);
-      dx[i] = r.rstd * ((g - a) - xh * b);
+    T xs[R], pb[R];
+    for (int r = 0; r < R; ++r) {
+      const T d = q.dy[r][i];
+      const T xh = X::scalar(q.ra[r], q.x[r][i]);
+      xs[r] = xh;
+      pb[r] = d;
+      if (WantDx) {
+        const T gma = S != ScaleKind::None ? fmadd_s(d, G::scalar(gamma + i), -q.a[r]) : d - q.a[r];
+        q.dx[r][i] = q.ra[r].rstd * fmadd_s(xh, -q.b[r], gma);
+      }
     }
+    if (WantDg) {
+      T p = pb[0] * xs[0];
+      if (R >= 2) p = fmadd_s(pb[1], xs[1], p);
+      if (R == 4) p += fmadd_s(pb[3], xs[3], pb[2] * xs[2]);
+      dgamma_acc[i] += static_cast<double>(p);
+    }
+    auto add = [](T u, T v) { return u + v; };
+    if (WantDb) dbeta_acc[i] += static_cast<double>(pairwise<R>(pb, add));
   };
   Index i = 0;
   if (Stream && WantDx) {
-    constexpr std::uintptr_t align = sizeof(typename P::V);
-    for (; i < n && reinterpret_cast<std::uintptr_t>(dx + i) % align != 0; ++i) scalar_at(i);
+    constexpr std::uintptr_t align = sizeof(VT);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(q.dx[0] + i) % align != 0; ++i) scalar_at(i);
   }
-  const X xhat(r);
   const G scale{};
-  const typename P::V va = P::set1(a), vnb = P::set1(-b), vrstd = P::set1(r.rstd);
+  typename P::V va[R], vnb[R], vrstd[R];
+  X xhat[R];
+  for (int r = 0; r < R; ++r) {
+    xhat[r] = X(q.ra[r]);
+    va[r] = P::set1(q.a[r]);
+    vnb[r] = P::set1(-q.b[r]);
+    vrstd[r] = P::set1(q.ra[r].rstd);
+  }
+  auto add = [](VT u, VT v) { return P::add(u, v); };
+  // Products that feed sums are written as explicit fmadds: left as mul then add, g++'s
+  // default -ffp-contract=fast (GNU modes) may fuse them in one instantiation and not in
+  // another, so that, say, dgamma alone and dgamma with dx would differ in the last bit.
   for (; i + W <= n; i += W) {
-    const typename P::V d = P::load(dy + i);
-    const typename P::V xh = xhat(P::load(x + i));
+    VT pg[R], pb[R];
+    VT gm{};
+    if (WantDx && S != ScaleKind::None) gm = scale(gamma + i);
+    for (int r = 0; r < R; ++r) {
+      const VT d = P::load(q.dy[r] + i);
+      const VT xh = xhat[r](P::load(q.x[r] + i));
+      pg[r] = xh;
+      pb[r] = d;
+      if (WantDx) {
+        const VT gma = S != ScaleKind::None ? P::fmadd(d, gm, P::sub(P::set1(T(0)), va[r]))
+                                            : P::sub(d, va[r]);
+        const VT v = P::mul(vrstd[r], P::fmadd(xh, vnb[r], gma));
+        if (Stream)
+          P::stream(q.dx[r] + i, v);
+        else
+          P::store(q.dx[r] + i, v);
+      }
+    }
+    if (WantDg) {
+      // sum_r dy_r xhat_r, pairwise: (p0 + p1) + (p2 + p3) with each pair one fmadd.
+      if (R == 1) {
+        pg[0] = P::mul(pb[0], pg[0]);
+      } else {
+        for (int r = 0; r < R; r += 2) pg[r / 2] = P::fmadd(pb[r + 1], pg[r + 1], P::mul(pb[r], pg[r]));
+        if (R == 4) pg[0] = P::add(pg[0], pg[1]);
+      }
+    }
     if (WantDg) {
       Index off = i;
-      P::widen(P::mul(d, xh), [&](typename A::V v) {
+      P::widen(pg[0], [&](typename A::V v) {
         A::store(dgamma_acc + off, A::add(A::load(dgamma_acc + off), v));
         off += WA;
       });
     }
     if (WantDb) {
       Index off = i;
-      P::widen(d, [&](typename A::V v) {
+      P::widen(pairwise<R>(pb, add), [&](typename A::V v) {
         A::store(dbeta_acc + off, A::add(A::load(dbeta_acc + off), v));
         off += WA;
       });
-    }
-    if (WantDx) {
-      typename P::V g = d;
-      if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
-      const typename P::V v = P::mul(vrstd, P::fmadd(xh, vnb, P::sub(g, va)));
-      if (Stream)
-        P::stream(dx + i, v);
-      else
-        P::store(dx + i, v);
     }
   }
   for (; i < n; ++i) scalar_at(i);

@@ -398,6 +398,8 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
 
   const T* gamma = p.gamma.data;
   const bool stream = want_dx && stream_output<T>(x.size());
+  // Streaming four dx rows in step needs them to share their alignment.
+  const bool group_rows = !stream || (n * static_cast<Index>(sizeof(T))) % 64 == 0;
   const double dn = static_cast<double>(n);
   const Index chunks = want_param ? reduce_chunks(rows) : 0;
   // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
@@ -420,25 +422,40 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
                         (!kDx && kSt) || (kS == ScaleKind::None && kPg > 0)) {
             return;
           } else {
+            // Rows go through the second pass four at a time (see backward_rows), the
+            // remainder one at a time; the grouping depends on the row range only.
+            auto prepare = [&](auto& q, int j, Index r) {
+              const T* dyr = dy.data + r * n;
+              const T* xr = x.data + r * n;
+              q.dy[j] = dyr;
+              q.x[j] = xr;
+              q.dx[j] = kDx ? dx.data + r * n : nullptr;
+              q.ra[j] = {kC ? saved.mean(r) : T(0), kC ? saved.mean_lo(r) : T(0), saved.rstd(r)};
+              q.a[j] = q.b[j] = T(0);
+              if (kDx) {
+                double sum_g = 0.0, sum_gx = 0.0;
+                kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, q.ra[j], sum_g, sum_gx);
+                double mean_gx = sum_gx / dn;
+                if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(q.ra[j].rstd);
+                q.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
+                q.b[j] = static_cast<T>(mean_gx);
+              }
+            };
             auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc) {
-              for (Index r = r0; r < r1; ++r) {
-                const T* dyr = dy.data + r * n;
-                const T* xr = x.data + r * n;
-                const kernels::RowAffine<T> ra{kC ? saved.mean(r) : T(0),
-                                               kC ? saved.mean_lo(r) : T(0), saved.rstd(r)};
-                T a = 0, b = 0;
-                if (kDx) {
-                  double sum_g = 0.0, sum_gx = 0.0;
-                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, ra, sum_g, sum_gx);
-                  double mean_gx = sum_gx / dn;
-                  if (spec.eps_outside)
-                    mean_gx /= 1.0 - spec.eps * static_cast<double>(ra.rstd);
-                  a = kC ? static_cast<T>(sum_g / dn) : T(0);
-                  b = static_cast<T>(mean_gx);
+              Index r = r0;
+              if (group_rows) {
+                for (; r + 4 <= r1; r += 4) {
+                  kernels::RowsArgs<T, 4> q;
+                  for (int j = 0; j < 4; ++j) prepare(q, j, r + j);
+                  kernels::backward_rows<Isa, T, 4, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
+                      q, gamma, n, dg_acc, db_acc);
                 }
-                kernels::backward_row<Isa, T, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                    dyr, xr, gamma, n, ra, a, b, kDx ? dx.data + r * n : nullptr, dg_acc,
-                    db_acc);
+              }
+              for (; r < r1; ++r) {
+                kernels::RowsArgs<T, 1> q;
+                prepare(q, 0, r);
+                kernels::backward_rows<Isa, T, 1, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
+                    q, gamma, n, dg_acc, db_acc);
               }
               if (kSt) Isa::fence();
             };
@@ -466,20 +483,30 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
   });
 
   if (!want_param) return;
-  // Combine the chunks in chunk order, independently per column: deterministic.
-  const Eigen::TensorOpCost cost(static_cast<double>(chunks * acc_arrays) * 8.0,
-                                 static_cast<double>(acc_arrays * static_cast<Index>(sizeof(T))),
-                                 static_cast<double>(chunks * acc_arrays));
-  parallel_for(device, n, cost, [&](Index j0, Index j1) {
-    for (Index j = j0; j < j1; ++j) {
-      double sg = 0.0, sb = 0.0;
+  // Combine the chunks in chunk order, independently per column: deterministic. Columns
+  // in blocks, chunks outer within a block, so every pass streams contiguous doubles
+  // (chunk arrays lie n * 8 bytes apart: walking down a column would hit one cache set).
+  constexpr Index kBlock = 512;
+  const Index blocks = (n + kBlock - 1) / kBlock;
+  const Eigen::TensorOpCost cost(static_cast<double>(chunks * acc_arrays * kBlock) * 8.0,
+                                 static_cast<double>(acc_arrays * kBlock) * sizeof(T),
+                                 static_cast<double>(chunks * acc_arrays * kBlock));
+  parallel_for(device, blocks, cost, [&](Index b0, Index b1) {
+    double sg[kBlock], sb[kBlock];
+    for (Index blk = b0; blk < b1; ++blk) {
+      const Index j0 = blk * kBlock, len = std::min(kBlock, n - j0);
+      std::fill(sg, sg + len, 0.0);
+      std::fill(sb, sb + len, 0.0);
       for (Index c = 0; c < chunks; ++c) {
-        const double* base = acc.data() + c * acc_arrays * n;
-        sg += base[j];
-        if (acc_arrays > 1) sb += base[n + j];
+        const double* base = acc.data() + c * acc_arrays * n + j0;
+        for (Index j = 0; j < len; ++j) sg[j] += base[j];
+        if (acc_arrays > 1)
+          for (Index j = 0; j < len; ++j) sb[j] += base[n + j];
       }
-      if (dgamma.present) dgamma.data[j] = static_cast<T>(sg);
-      if (dbeta.present) dbeta.data[j] = static_cast<T>(sb);
+      if (dgamma.present)
+        for (Index j = 0; j < len; ++j) dgamma.data[j0 + j] = static_cast<T>(sg[j]);
+      if (dbeta.present)
+        for (Index j = 0; j < len; ++j) dbeta.data[j0 + j] = static_cast<T>(sb[j]);
     }
   });
 }
