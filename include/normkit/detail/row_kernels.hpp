@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
 namespace normkit {
 namespace detail {
@@ -31,124 +30,126 @@ namespace kernels {
 // loads (one row from DRAM or L2) are the bound, and 4 chains already exceed them.
 constexpr int kUnroll = 2;
 
-// Row reductions in double, in one fixed order: blocks of kUnroll packets from the
-// start of the row, each packet widened into K independent double chains, then single
-// packets, then a scalar tail, then the chains summed in index order. The forward pass
-// runs a row's reduction either alone or fused into the previous row's normalize loop
-// (to overlap its reads with that row's writes); both go through this one object, block
-// by block, so a row's statistics are the same bits either way.
-template <class Isa, class T, class Op>
-struct RowReducer {
-  using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
-  using AV = typename A::V;
-  static constexpr Index W = static_cast<Index>(P::W);
-  static constexpr Index kBlock = kUnroll * W;
-  static constexpr int K = kUnroll * static_cast<int>(P::W / A::W);  // double chains
-
-  Op op;
-  AV a0[K], a1[K];
-  double t0 = 0.0, t1 = 0.0;
-  Index j = 0;  // next element
-
-  explicit RowReducer(const Op& o) : op(o) {
-    for (int k = 0; k < K; ++k) a0[k] = a1[k] = A::zero();
-  }
-  // One block at x[j, j + kBlock), if the row has one left.
-  void block(const T* x, Index n) {
-    if (j + kBlock > n) return;
-    int k = 0;
-    for (int u = 0; u < kUnroll; ++u)
-      P::widen(P::load(x + j + u * W), [&](AV v) {
-        op.vec(v, a0[k], a1[k]);
-        ++k;
-      });
-    j += kBlock;
-  }
-  // The rest of the row; returns the two sums.
-  void finish(const T* x, Index n, double& s0, double& s1) {
-    while (j + kBlock <= n) block(x, n);
-    for (; j + W <= n; j += W) {
-      int k = 0;
-      P::widen(P::load(x + j), [&](AV v) {
-        op.vec(v, a0[k], a1[k]);
-        ++k;
-      });
-    }
-    for (; j < n; ++j) op.scalar(static_cast<double>(x[j]), t0, t1);
-    for (int k = 1; k < K; ++k) {
-      a0[0] = A::add(a0[0], a0[k]);
-      a1[0] = A::add(a1[0], a1[k]);
-    }
-    s0 = A::reduce(a0[0]) + t0;
-    s1 = A::reduce(a1[0]) + t1;
-  }
-};
-
-// d = x * scale - shift: s0 = sum d, s1 = sum d^2. scale is a power of two (exact);
-// the shift is subtracted with one rounding (fmadd).
-template <class Isa>
-struct ShiftedSumsOp {
-  using A = typename Isa::Acc;
-  typename A::V vscale, vnshift;
-  double scale, shift;
-  ShiftedSumsOp(double sc, double sh) : vscale(A::set1(sc)), vnshift(A::set1(-sh)), scale(sc), shift(sh) {}
-  void vec(typename A::V v, typename A::V& s0, typename A::V& s1) const {
-    const typename A::V d = A::fmadd(v, vscale, vnshift);
-    s0 = A::add(s0, d);
-    s1 = A::fmadd(d, d, s1);
-  }
-  void scalar(double v, double& s0, double& s1) const {
-    const double d = v * scale - shift;
-    s0 += d;
-    s1 += d * d;
-  }
-};
-
-// s0 = sum (x * scale)^2.
-template <class Isa>
-struct SumSquaresOp {
-  using A = typename Isa::Acc;
-  typename A::V vscale;
-  double scale;
-  explicit SumSquaresOp(double sc) : vscale(A::set1(sc)), scale(sc) {}
-  void vec(typename A::V v, typename A::V& s0, typename A::V&) const {
-    const typename A::V d = A::mul(v, vscale);
-    s0 = A::fmadd(d, d, s0);
-  }
-  void scalar(double v, double& s0, double&) const {
-    const double d = v * scale;
-    s0 += d * d;
-  }
-};
-
 // s = sum_i (x_i * scale - shift) and s2 = sum_i (x_i * scale - shift)^2, in double.
+// scale is a power of two (exact); shift is subtracted with one rounding (fmadd).
 template <class Isa, class T>
 inline void shifted_sums(const T* x, Index n, double scale, double shift, double& s,
                          double& s2) {
-  RowReducer<Isa, T, ShiftedSumsOp<Isa>> red(ShiftedSumsOp<Isa>(scale, shift));
-  red.finish(x, n, s, s2);
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);  // double chains
+  typename A::V a1[K], a2[K];
+  for (int k = 0; k < K; ++k) {
+    a1[k] = A::zero();
+    a2[k] = A::zero();
+  }
+  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        typename A::V d = A::fmadd(v, vscale, vnshift);
+        a1[k] = A::add(a1[k], d);
+        a2[k] = A::fmadd(d, d, a2[k]);
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      typename A::V d = A::fmadd(v, vscale, vnshift);
+      a1[k] = A::add(a1[k], d);
+      a2[k] = A::fmadd(d, d, a2[k]);
+      ++k;
+    });
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (; i < n; ++i) {
+    double d = static_cast<double>(x[i]) * scale - shift;
+    t1 += d;
+    t2 += d * d;
+  }
+  for (int k = 1; k < K; ++k) {
+    a1[0] = A::add(a1[0], a1[k]);
+    a2[0] = A::add(a2[0], a2[k]);
+  }
+  s = A::reduce(a1[0]) + t1;
+  s2 = A::reduce(a2[0]) + t2;
 }
 
 // sum_i (x_i * scale - shift), in double.
 template <class Isa, class T>
 inline double sum(const T* x, Index n, double scale, double shift) {
-  double s, s2;
-  shifted_sums<Isa>(x, n, scale, shift, s, s2);
-  return s;
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
+  typename A::V a[K];
+  for (int k = 0; k < K; ++k) a[k] = A::zero();
+  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
+      ++k;
+    });
+  }
+  double t = 0.0;
+  for (; i < n; ++i) t += static_cast<double>(x[i]) * scale - shift;
+  for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
+  return A::reduce(a[0]) + t;
 }
 
 // sum_i (x_i * scale)^2, in double.
 template <class Isa, class T>
 inline double sum_squares(const T* x, Index n, double scale) {
-  RowReducer<Isa, T, SumSquaresOp<Isa>> red{SumSquaresOp<Isa>(scale)};
-  double s, unused;
-  red.finish(x, n, s, unused);
-  return s;
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
+  typename A::V a[K];
+  for (int k = 0; k < K; ++k) a[k] = A::zero();
+  const typename A::V vscale = A::set1(scale);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    int k = 0;
+    for (int u = 0; u < kUnroll; ++u) {
+      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+        typename A::V d = A::mul(v, vscale);
+        a[k] = A::fmadd(d, d, a[k]);
+        ++k;
+      });
+    }
+  }
+  for (; i + W <= n; i += W) {
+    int k = 0;
+    P::widen(P::load(x + i), [&](typename A::V v) {
+      typename A::V d = A::mul(v, vscale);
+      a[k] = A::fmadd(d, d, a[k]);
+      ++k;
+    });
+  }
+  double t = 0.0;
+  for (; i < n; ++i) {
+    double d = static_cast<double>(x[i]) * scale;
+    t += d * d;
+  }
+  for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
+  return A::reduce(a[0]) + t;
 }
-
-// A reducer that does nothing: normalize without a fused next-row reduction.
-struct NoReducer {};
 
 // a * b + c for the scalar paths, fused where the target has FMA (as the vector paths
 // are), so that no instantiation is left to the compiler's contraction choices.
@@ -201,15 +202,9 @@ struct Scale {
 
 // y = xhat * scale + beta. Stream selects non-temporal stores (after a scalar head
 // that aligns y to the packet size). y may be x (in place).
-//
-// Red: with a RowReducer, the statistics of the next row xn are accumulated in the same
-// loop, one block per two packets normalized, so that its loads from memory overlap this
-// row's stores (alone, each row is a read burst then a write burst).
-template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream,
-          class Red = NoReducer>
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
-                      const T* beta, const T* xn = nullptr, Red* red = nullptr) {
-  constexpr bool kFused = !std::is_same<Red, NoReducer>::value;
+                      const T* beta) {
   using P = typename Isa::template Pack<T>;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
@@ -227,29 +222,19 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   }
   const X xhat(r);
   const G scale{};
-  auto vector_at = [&](Index k) {
-    typename P::V v = xhat(P::load(x + k));
+  for (; i + W <= n; i += W) {
+    typename P::V v = xhat(P::load(x + i));
     if (S != ScaleKind::None) {
-      v = Shift ? P::fmadd(v, scale(gamma + k), P::load(beta + k)) : P::mul(v, scale(gamma + k));
+      v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
     } else if (Shift) {
-      v = P::add(v, P::load(beta + k));
+      v = P::add(v, P::load(beta + i));
     }
     if (Stream)
-      P::stream(y + k, v);
+      P::stream(y + i, v);
     else
-      P::store(y + k, v);
-  };
-  if constexpr (kFused) {
-    for (; i + 2 * W <= n; i += 2 * W) {
-      vector_at(i);
-      vector_at(i + W);
-      red->block(xn, n);
-    }
+      P::store(y + i, v);
   }
-  for (; i + W <= n; i += W) vector_at(i);
   for (; i < n; ++i) scalar_at(i);
-  (void)xn;
-  (void)red;
 }
 
 // Backward, first pass over a row: sum_g = sum_i g_i and sum_gx = sum_i g_i * xhat_i,

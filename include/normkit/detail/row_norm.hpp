@@ -92,18 +92,6 @@ inline double rescale_for(double max_abs) {
   return std::ldexp(1.0, e);
 }
 
-// Float rows: statistics from the one-pass sums (see row_moments and row_rms).
-inline RowStat float_layer_stat(double x0, double s, double s2, Index n, double eps) {
-  const double dn = static_cast<double>(n);
-  const double md = s / dn;
-  return row_stat(x0 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);  // NaN stays
-}
-inline RowStat float_rms_stat(double ss, Index n, double eps, bool eps_outside) {
-  // Only an Inf or NaN in the row makes ss non-finite: poison the row (x * 0 would
-  // leave its finite elements at 0).
-  return row_stat(0.0, ss <= DBL_MAX ? ss / static_cast<double>(n) : kNaN, 1.0, eps, eps_outside);
-}
-
 // LayerNorm statistics of one row.
 template <class Isa, class T>
 RowStat row_moments(const T* x, Index n, double eps) {
@@ -118,7 +106,8 @@ RowStat row_moments(const T* x, Index n, double eps) {
     // about n * DBL_EPSILON (1e-12 at n = 4096), far below float resolution.
     const double x0 = static_cast<double>(x[0]);
     kernels::shifted_sums<Isa>(x, n, 1.0, x0, s, s2);
-    return float_layer_stat(x0, s, s2, n, eps);
+    const double md = s / dn;
+    return row_stat(x0 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);
   } else {
     // Double data: two passes (a mean shifted by x0, then shifted sums with the
     // correction term of Chan, Golub and LeVeque), rescaled by a power of two when the
@@ -150,7 +139,9 @@ RowStat row_rms(const T* x, Index n, double eps, bool eps_outside) {
   const double dn = static_cast<double>(n);
   const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
   if constexpr (sizeof(T) <= sizeof(float)) {
-    return float_rms_stat(ss, n, eps, eps_outside);
+    // Only an Inf or NaN in the row makes ss non-finite: poison the row (x * 0 would
+    // leave its finite elements at 0).
+    return row_stat(0.0, ss <= DBL_MAX ? ss / dn : kNaN, 1.0, eps, eps_outside);
   } else {
     if (ss < kSumSqHuge && ss > kSumSqTiny) return row_stat(0.0, ss / dn, 1.0, eps, eps_outside);
     const double m = max_abs_or_nan(x, n);
@@ -310,19 +301,11 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
           return;
         } else {
           parallel_for(device, rows, cost, [&](Index r0, Index r1) {
-            // Float rows are software-pipelined: row r + 1's statistics are accumulated
-            // inside row r's normalize loop (kernels::normalize with a reducer), in the
-            // same order as alone, so the bits do not depend on where blocks start.
-            constexpr bool kPipelined = sizeof(T) <= sizeof(float);
-            RowStat next{};
-            bool have_next = false;
             for (Index r = r0; r < r1; ++r) {
               const T* xr = x.data + r * n;
               T* yr = y.data + r * n;
-              const RowStat st = have_next ? next
-                                 : kC      ? row_moments<Isa>(xr, n, spec.eps)
-                                           : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
-              have_next = false;
+              const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
+                                    : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
               const double mean = st.mean();
               const T hi = static_cast<T>(mean);
               const T lo = static_cast<T>(mean - static_cast<double>(hi));
@@ -332,34 +315,19 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
                 mean_lo[r] = lo;
               }
               rstd[r] = rt;
-              if (std::isinf(rt) && st.denom_s != 0.0) {
+              if (st.denom_s == 0.0) {
+                // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
+                // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
+                kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
+                                                            beta);
+                continue;
+              }
+              if (std::isinf(rt)) {
                 normalize_wide(spec, xr, yr, n, st, gamma, beta);
                 continue;
               }
-              // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
-              // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
-              const kernels::RowAffine<T> ra{hi, lo, st.denom_s == 0.0 ? T(0) : rt};
-              if (kPipelined && r + 1 < r1) {
-                const T* xn = xr + n;
-                double s0 = 0.0, s1 = 0.0;
-                if constexpr (kC) {
-                  const double x0 = static_cast<double>(xn[0]);
-                  using Op = kernels::ShiftedSumsOp<Isa>;
-                  kernels::RowReducer<Isa, T, Op> red{Op(1.0, x0)};
-                  kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta, xn, &red);
-                  red.finish(xn, n, s0, s1);
-                  next = float_layer_stat(x0, s0, s1, n, spec.eps);
-                } else {
-                  using Op = kernels::SumSquaresOp<Isa>;
-                  kernels::RowReducer<Isa, T, Op> red{Op(1.0)};
-                  kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta, xn, &red);
-                  red.finish(xn, n, s0, s1);
-                  next = float_rms_stat(s0, n, spec.eps, spec.eps_outside);
-                }
-                have_next = true;
-              } else {
-                kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
-              }
+              const kernels::RowAffine<T> ra{hi, lo, rt};
+              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
             }
             if (kSt) Isa::fence();
           });
