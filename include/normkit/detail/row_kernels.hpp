@@ -211,8 +211,10 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   constexpr Index W = static_cast<Index>(P::W);
   auto scalar_at = [&](Index i) {
     T v = X::scalar(r, x[i]);
-    if (S != ScaleKind::None) v *= G::scalar(gamma + i);
-    if (Shift) v += beta[i];
+    if (S != ScaleKind::None)
+      v = Shift ? fmadd_s(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
+    else if (Shift)
+      v += beta[i];
     y[i] = v;
   };
   Index i = 0;
