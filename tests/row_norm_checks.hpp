@@ -485,6 +485,16 @@ void finite_differences(const Op& o, Index rows, Index n, std::uint64_t seed) {
     for (std::size_t i = 0; i < N; ++i) l += static_cast<LD>(pr.dy[i]) * y[i];
     return static_cast<double>(l);
   };
+  // (L(v + h) - L(v - h)) / 2h, restoring v.
+  auto central = [&](double& v, double h) {
+    const double v0 = v;
+    v = v0 + h;
+    const double lp = loss();
+    v = v0 - h;
+    const double lm = loss();
+    v = v0;
+    return (lp - lm) / (2 * h);
+  };
   const CMap<double, 1, Eigen::ColMajor> g(pr.gamma.data(), n), b(pr.beta.data(), n);
   const auto p = make_affine(o, g, b);
   std::vector<double> dx(N), dg(static_cast<std::size_t>(n)), db(static_cast<std::size_t>(n));
@@ -517,33 +527,15 @@ void finite_differences(const Op& o, Index rows, Index n, std::uint64_t seed) {
     const double tol = 5 * h * h * rstd * rstd * rstd * sum_g + round / h;
     for (Index i = 0; i < n; ++i) {
       const auto j = static_cast<std::size_t>(r * n + i);
-      const double x0 = xv[j];
-      xv[j] = x0 + h;
-      const double lp = loss();
-      xv[j] = x0 - h;
-      const double lm = loss();
-      xv[j] = x0;
-      m.check(dx[j], (lp - lm) / (2 * h), tol, j, "dx vs finite difference");
+      m.check(dx[j], central(xv[j], h), tol, j, "dx vs finite difference");
     }
   }
   const double hg = 1e-3;
   for (Index i = 0; i < n && o.rop.scale; ++i) {
     const auto j = static_cast<std::size_t>(i);
-    const double g0 = gv[j];
-    gv[j] = g0 + hg;
-    const double lp = loss();
-    gv[j] = g0 - hg;
-    const double lm = loss();
-    gv[j] = g0;
-    m.check(dg[j], (lp - lm) / (2 * hg), round / hg, j, "dgamma vs finite difference");
-    if (!o.rop.shift) continue;
-    const double b0 = bv[j];
-    bv[j] = b0 + hg;
-    const double bp = loss();
-    bv[j] = b0 - hg;
-    const double bm = loss();
-    bv[j] = b0;
-    m.check(db[j], (bp - bm) / (2 * hg), round / hg, j, "dbeta vs finite difference");
+    m.check(dg[j], central(gv[j], hg), round / hg, j, "dgamma vs finite difference");
+    if (o.rop.shift)
+      m.check(db[j], central(bv[j], hg), round / hg, j, "dbeta vs finite difference");
   }
   INFO(m.first);
   CHECK(m.count == 0);
