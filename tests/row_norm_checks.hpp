@@ -53,6 +53,20 @@ struct RMS {
   }
 };
 
+// backward with every gradient the op has: dgamma when it has gamma, dbeta when it has
+// beta (normkit::skip otherwise).
+template <class Op, class DY, class X, class DX, class DG, class DB, class D = Eigen::DefaultDevice>
+void backward_all(const Op& o, const DY& dy, const X& x, const normkit::Affine<typename Op::type>& p,
+                  const normkit::RowStats<typename Op::type>& s, DX&& dx, DG&& dg, DB&& db,
+                  const D& dev = D()) {
+  if (o.rop.scale && o.rop.shift)
+    o.backward(dy, x, p, s, dx, dg, db, dev);
+  else if (o.rop.scale)
+    o.backward(dy, x, p, s, dx, dg, normkit::skip, dev);
+  else
+    o.backward(dy, x, p, s, dx, normkit::skip, normkit::skip, dev);
+}
+
 // One problem: extents in memory order, k normalized dims, data and parameters.
 template <class T>
 struct Problem {
@@ -256,12 +270,7 @@ void run_case(const Op& o, Problem<typename Op::type>& pr, bool in_place, bool f
   auto dxm = map<T, R, Layout>(dx.data(), dims);
   auto dgm = map<T, 1, Eigen::ColMajor>(dg.data(), {pr.n});
   auto dbm = map<T, 1, Eigen::ColMajor>(db.data(), {pr.n});
-  if (has_g && has_b)
-    o.backward(dym, xm, p, st, dxm, dgm, dbm);
-  else if (has_g)
-    o.backward(dym, xm, p, st, dxm, dgm, normkit::skip);
-  else
-    o.backward(dym, xm, p, st, dxm, normkit::skip, normkit::skip);
+  backward_all(o, dym, xm, p, st, dxm, dgm, dbm);
   compare_backward(o, pr, dx.data(), has_g ? dg.data() : nullptr, has_b ? db.data() : nullptr,
                    "backward");
 
@@ -396,12 +405,7 @@ void twin(const OpBest& best, const OpScalar& scal, std::uint64_t seed) {
         auto dxm = map<T, 2, Eigen::RowMajor>(dxp, d);
         auto dgm = map<T, 1, Eigen::ColMajor>(dgp, {n});
         auto dbm = map<T, 1, Eigen::ColMajor>(dbp, {n});
-        if (has_g && has_b)
-          o.backward(dy, x, p, s, dxm, dgm, dbm);
-        else if (has_g)
-          o.backward(dy, x, p, s, dxm, dgm, normkit::skip);
-        else
-          o.backward(dy, x, p, s, dxm, normkit::skip, normkit::skip);
+        backward_all(o, dy, x, p, s, dxm, dgm, dbm);
       };
       run_bwd(best, s1, dx1.data(), dg1.data(), db1.data());
       run_bwd(scal, s2, dx2.data(), dg2.data(), db2.data());
@@ -437,10 +441,7 @@ void threads_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) {
     auto dxm = map<T, 2, Eigen::RowMajor>(r.dx.data(), d);
     auto dgm = map<T, 1, Eigen::ColMajor>(r.dg.data(), {n});
     auto dbm = map<T, 1, Eigen::ColMajor>(r.db.data(), {n});
-    if (o.rop.shift)
-      o.backward(dy, x, p, s, dxm, dgm, dbm, dev);
-    else
-      o.backward(dy, x, p, s, dxm, dgm, normkit::skip, dev);
+    backward_all(o, dy, x, p, s, dxm, dgm, dbm, dev);
     r.rstd.assign(s.rstd.data(), s.rstd.data() + s.rstd.size());
     r.mean.assign(s.mean.data(), s.mean.data() + s.mean.size());
     return r;
@@ -504,12 +505,7 @@ void finite_differences(const Op& o, Index rows, Index n, std::uint64_t seed) {
   auto dxm = map<double, 2, Eigen::RowMajor>(dx.data(), d);
   auto dgm = map<double, 1, Eigen::ColMajor>(dg.data(), {n});
   auto dbm = map<double, 1, Eigen::ColMajor>(db.data(), {n});
-  if (o.rop.scale && o.rop.shift)
-    o.backward(dy, x, p, s, dxm, dgm, dbm);
-  else if (o.rop.scale)
-    o.backward(dy, x, p, s, dxm, dgm, normkit::skip);
-  else
-    o.backward(dy, x, p, s, dxm, normkit::skip, normkit::skip);
+  backward_all(o, dy, x, p, s, dxm, dgm, dbm);
 
   double sum_dy_y = 0;
   for (std::size_t i = 0; i < N; ++i) sum_dy_y += std::fabs(pr.dy[i] * y[i]) + std::fabs(pr.dy[i]);
