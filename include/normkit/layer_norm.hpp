@@ -76,7 +76,6 @@ class LayerNorm {
     return {"LayerNorm",
             k_,
             eps_,
-            true,
             affine_ == AffineMode::None ? detail::ScaleKind::None : detail::ScaleKind::Gamma,
             affine_ == AffineMode::ScaleShift,
             false};

@@ -78,7 +78,6 @@ class RMSNorm {
     return {"RMSNorm",
             k_,
             eps_,
-            false,
             weight_ == RmsWeight::None          ? detail::ScaleKind::None
             : weight_ == RmsWeight::Scale       ? detail::ScaleKind::Gamma
                                                 : detail::ScaleKind::OnePlusGamma,

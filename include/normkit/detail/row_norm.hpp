@@ -24,7 +24,6 @@ struct RowNormSpec {
   const char* op;     // "LayerNorm", "RMSNorm": for messages
   int k;              // normalized (innermost) dims
   double eps;
-  bool center;        // subtract the mean (LayerNorm) or not (RMSNorm)
   ScaleKind scale;    // how gamma applies
   bool shift;         // beta present
   bool eps_outside;   // RMSNorm's y = x / (sqrt(ms) + eps)
@@ -231,15 +230,14 @@ void check_x(const RowNormSpec& spec, const std::string& where, const char* name
   require_data(where, name, x);
 }
 
-template <class T>
-void check_saved(const RowNormSpec& spec, const std::string& where, const RowStats<T>& s,
-                 Index rows) {
+template <bool Center, class T>
+void check_saved(const std::string& where, const RowStats<T>& s, Index rows) {
   auto check = [&](const char* name, const Eigen::Tensor<T, 1>& t) {
     if (t.size() != rows)
       fail(where, name, std::to_string(rows) + " elements (one per row, from forward)",
            std::to_string(t.size()));
   };
-  if (spec.center) {
+  if (Center) {
     check("saved.mean", s.mean);
     check("saved.mean_lo", s.mean_lo);
   }
@@ -363,7 +361,7 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
   check_params(spec, where, x, p);
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
-  check_saved(spec, where, saved, rows);
+  check_saved<Center>(where, saved, rows);
   if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
   require_data(where, "dx", dx);
   if (dgamma.present && spec.scale == ScaleKind::None)
