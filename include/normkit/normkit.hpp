@@ -7,3 +7,6 @@
 
 #include "layer_norm.hpp"
 #include "rms_norm.hpp"
+#include "batch_norm.hpp"
+#include "group_norm.hpp"
+#include "instance_norm.hpp"

@@ -1,0 +1,269 @@
+// normkit: the kernels of the channel norms (BatchNorm, GroupNorm, InstanceNorm), on raw
+// pointers, written once over a backend's packet interface like row_kernels.hpp.
+//
+// A channel norm visits its data in one of two shapes:
+//   - channels first: per (sample, channel) a contiguous segment of the spatial
+//     positions, whose parameters (mean, scale, shift) are one scalar each;
+//   - channels last: rows of C contiguous channels, whose parameters are arrays
+//     indexed by the channel, and whose statistics are sums down the columns.
+// The element-wise kernels take their parameters through Param<Vec>: a broadcast scalar
+// (Vec = false) or an array indexed like the data (Vec = true). Both shapes evaluate the
+// same formula per element with the same parameter values, so both formats give the
+// same numbers.
+//
+// Forward, per element: y = ((x - mean_hi) - mean_lo) * A + B, with A = rstd * gamma and
+// B = beta rounded once to T. (x - mean_hi) is exact for x near the mean, so the large-
+// mean case keeps its precision; mean_lo carries the rest of the double mean.
+// Backward: dx = dy * A + (xc * Cx + D), xc = (x - mean_hi) - mean_lo, with the per-group
+// coefficients of the closed form (channel_norm.hpp) rounded once to T.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "row_kernels.hpp"
+
+namespace normkit {
+namespace detail {
+namespace kernels {
+
+template <class Isa, class T, bool Vec>
+struct Param;
+
+template <class Isa, class T>
+struct Param<Isa, T, false> {
+  using P = typename Isa::template Pack<T>;
+  T s;
+  typename P::V v;
+  explicit Param(const T* p) : s(*p), v(P::set1(*p)) {}
+  typename P::V at(Index) const { return v; }
+  T scalar(Index) const { return s; }
+};
+
+template <class Isa, class T>
+struct Param<Isa, T, true> {
+  using P = typename Isa::template Pack<T>;
+  const T* p;
+  explicit Param(const T* q) : p(q) {}
+  typename P::V at(Index i) const { return P::load(p + i); }
+  T scalar(Index i) const { return p[i]; }
+};
+
+// Streaming stores start at a packet-aligned destination: the index of the first one.
+template <class Isa, class T>
+Index stream_head(const T* y, Index n) {
+  using P = typename Isa::template Pack<T>;
+  constexpr std::uintptr_t align = sizeof(typename P::V);
+  Index i = 0;
+  while (i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0) ++i;
+  return i;
+}
+
+// y = fma(xc * pre, A, B), xc = (x - hi) - lo. Prescale multiplies xc by a power of two
+// (exact) so that A = rstd * gamma / pre stays finite when rstd alone would overflow T.
+// y may be x.
+template <class Isa, class T, bool Vec, bool Stream, bool Prescale>
+inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* lo, const T* pre,
+                       const T* A, const T* B) {
+  using P = typename Isa::template Pack<T>;
+  using Q = Param<Isa, T, Vec>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const Q qh(hi), ql(lo), qa(A), qb(B);
+  const Q qp(Prescale ? pre : hi);
+  auto scalar_at = [&](Index i) {
+    T xc = (x[i] - qh.scalar(i)) - ql.scalar(i);
+    if (Prescale) xc *= qp.scalar(i);
+    y[i] = fmadd_s(xc, qa.scalar(i), qb.scalar(i));
+  };
+  Index i = 0;
+  if (Stream)
+    for (const Index h = stream_head<Isa>(y, n); i < h; ++i) scalar_at(i);
+  for (; i + W <= n; i += W) {
+    typename P::V xc = P::sub(P::sub(P::load(x + i), qh.at(i)), ql.at(i));
+    if (Prescale) xc = P::mul(xc, qp.at(i));
+    const typename P::V v = P::fmadd(xc, qa.at(i), qb.at(i));
+    if (Stream)
+      P::stream(y + i, v);
+    else
+      P::store(y + i, v);
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
+// dx = fma(dy, A, fma(xc, Cx, D)) with xc = (x - hi) - lo (UseX), or dx = dy * A. dx may
+// be dy or x.
+template <class Isa, class T, bool Vec, bool Stream, bool UseX>
+inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* lo,
+                   const T* A, const T* Cx, const T* D) {
+  using P = typename Isa::template Pack<T>;
+  using Q = Param<Isa, T, Vec>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const Q qa(A);
+  const Q qh(UseX ? hi : A), ql(UseX ? lo : A), qc(UseX ? Cx : A), qd(UseX ? D : A);
+  auto scalar_at = [&](Index i) {
+    if (UseX) {
+      const T xc = (x[i] - qh.scalar(i)) - ql.scalar(i);
+      dx[i] = fmadd_s(dy[i], qa.scalar(i), fmadd_s(xc, qc.scalar(i), qd.scalar(i)));
+    } else {
+      dx[i] = dy[i] * qa.scalar(i);
+    }
+  };
+  Index i = 0;
+  if (Stream)
+    for (const Index h = stream_head<Isa>(dx, n); i < h; ++i) scalar_at(i);
+  for (; i + W <= n; i += W) {
+    typename P::V v;
+    if (UseX) {
+      const typename P::V xc = P::sub(P::sub(P::load(x + i), qh.at(i)), ql.at(i));
+      v = P::fmadd(P::load(dy + i), qa.at(i), P::fmadd(xc, qc.at(i), qd.at(i)));
+    } else {
+      v = P::mul(P::load(dy + i), qa.at(i));
+    }
+    if (Stream)
+      P::stream(dx + i, v);
+    else
+      P::store(dx + i, v);
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
+// Over a contiguous segment: sdy = sum dy, sdyx = sum dy * xc (xc = (x - hi) - lo, the
+// product rounded once in T), in double.
+template <class Isa, class T>
+inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, double& sdy,
+                              double& sdyx) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  typename A::V a1[K], a2[K];
+  for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
+  const typename P::V vh = P::set1(hi), vl = P::set1(lo);
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    const typename P::V d = P::load(dy + i);
+    const typename P::V xc = P::sub(P::sub(P::load(x + i), vh), vl);
+    int k = 0;
+    P::widen(d, [&](typename A::V v) { a1[k] = A::add(a1[k], v); ++k; });
+    k = 0;
+    P::widen(P::mul(d, xc), [&](typename A::V v) { a2[k] = A::add(a2[k], v); ++k; });
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (; i < n; ++i) {
+    t1 += static_cast<double>(dy[i]);
+    t2 += static_cast<double>(dy[i] * ((x[i] - hi) - lo));
+  }
+  for (int k = 1; k < K; ++k) {
+    a1[0] = A::add(a1[0], a1[k]);
+    a2[0] = A::add(a2[0], a2[k]);
+  }
+  sdy = A::reduce(a1[0]) + t1;
+  sdyx = A::reduce(a2[0]) + t2;
+}
+
+// Column sums over `rows` rows of C elements, ld elements apart, added to s and s2:
+//   s[c] += sum_r (x[r, c] - shift[c]),  s2[c] += sum_r (x[r, c] - shift[c])^2,
+// in double. Rows go four at a time: their terms meet in registers, then one
+// read-modify-write of the accumulators (which stay in L1 for any realistic C).
+template <class Isa, class T>
+inline void column_shifted_sums(const T* x, Index rows, Index ld, Index C, const double* shift,
+                                double* s, double* s2) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr Index WA = static_cast<Index>(A::W);
+  Index r = 0;
+  auto block = [&](auto R) {
+    constexpr int kR = decltype(R)::value;
+    Index c = 0;
+    for (; c + W <= C; c += W) {
+      Index off = c;
+      // The widened parts of a packet, one by one: part k covers columns off..off+WA.
+      typename A::V t1[P::W / A::W], t2[P::W / A::W];
+      for (std::size_t k = 0; k < P::W / A::W; ++k) {
+        t1[k] = A::load(s + c + static_cast<Index>(k) * WA);
+        t2[k] = A::load(s2 + c + static_cast<Index>(k) * WA);
+      }
+      for (int j = 0; j < kR; ++j) {
+        int k = 0;
+        P::widen(P::load(x + (r + j) * ld + c), [&](typename A::V v) {
+          const typename A::V d = A::sub(v, A::load(shift + c + k * WA));
+          t1[k] = A::add(t1[k], d);
+          t2[k] = A::fmadd(d, d, t2[k]);
+          ++k;
+        });
+      }
+      for (std::size_t k = 0; k < P::W / A::W; ++k) {
+        A::store(s + c + static_cast<Index>(k) * WA, t1[k]);
+        A::store(s2 + c + static_cast<Index>(k) * WA, t2[k]);
+      }
+      (void)off;
+    }
+    for (; c < C; ++c) {
+      double a = s[c], b = s2[c];
+      for (int j = 0; j < kR; ++j) {
+        const double d = static_cast<double>(x[(r + j) * ld + c]) - shift[c];
+        a += d;
+        b = fmadd_s(d, d, b);
+      }
+      s[c] = a;
+      s2[c] = b;
+    }
+  };
+  for (; r + 4 <= rows; r += 4) block(std::integral_constant<int, 4>{});
+  for (; r < rows; ++r) block(std::integral_constant<int, 1>{});
+}
+
+// Column sums of the backward pass over `rows` rows of C elements, ld apart, added:
+//   sdy[c] += sum_r dy[r, c],  sdyx[c] += sum_r dy[r, c] * xc[r, c],
+// xc = (x - hi[c]) - lo[c], the product rounded once in T as in segment_grad_sums.
+template <class Isa, class T>
+inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Index C,
+                             const T* hi, const T* lo, double* sdy, double* sdyx) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr Index WA = static_cast<Index>(A::W);
+  constexpr std::size_t KP = P::W / A::W;
+  Index r = 0;
+  auto block = [&](auto R) {
+    constexpr int kR = decltype(R)::value;
+    Index c = 0;
+    for (; c + W <= C; c += W) {
+      typename A::V t1[KP], t2[KP];
+      for (std::size_t k = 0; k < KP; ++k) {
+        t1[k] = A::load(sdy + c + static_cast<Index>(k) * WA);
+        t2[k] = A::load(sdyx + c + static_cast<Index>(k) * WA);
+      }
+      const typename P::V vh = P::load(hi + c), vl = P::load(lo + c);
+      for (int j = 0; j < kR; ++j) {
+        const typename P::V d = P::load(dy + (r + j) * ld + c);
+        const typename P::V xc = P::sub(P::sub(P::load(x + (r + j) * ld + c), vh), vl);
+        int k = 0;
+        P::widen(d, [&](typename A::V v) { t1[k] = A::add(t1[k], v); ++k; });
+        k = 0;
+        P::widen(P::mul(d, xc), [&](typename A::V v) { t2[k] = A::add(t2[k], v); ++k; });
+      }
+      for (std::size_t k = 0; k < KP; ++k) {
+        A::store(sdy + c + static_cast<Index>(k) * WA, t1[k]);
+        A::store(sdyx + c + static_cast<Index>(k) * WA, t2[k]);
+      }
+    }
+    for (; c < C; ++c) {
+      double a = sdy[c], b = sdyx[c];
+      for (int j = 0; j < kR; ++j) {
+        const T d = dy[(r + j) * ld + c];
+        a += static_cast<double>(d);
+        b += static_cast<double>(d * ((x[(r + j) * ld + c] - hi[c]) - lo[c]));
+      }
+      sdy[c] = a;
+      sdyx[c] = b;
+    }
+  };
+  for (; r + 4 <= rows; r += 4) block(std::integral_constant<int, 4>{});
+  for (; r < rows; ++r) block(std::integral_constant<int, 1>{});
+}
+
+}  // namespace kernels
+}  // namespace detail
+}  // namespace normkit
