@@ -269,16 +269,29 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
   auto seg = [&](Index i) { return g.batch ? x + g.at(i, s, 0) : x + g.at(s / g.G, (s % g.G) * g.Cg, 0); };
   const double shift = static_cast<double>(*seg(0));
   double a = 0.0, b = 0.0;
+  // While one segment is summed, the next is prefetched (see kernels::Prefetch).
+  auto next = [&](Index i) {
+    return i + 1 < segs ? kernels::Prefetch(seg(i + 1), len) : kernels::Prefetch();
+  };
   if constexpr (sizeof(T) <= sizeof(float)) {
+    // The fast blocked sums, or the exact double ones when they cannot be trusted.
     for (Index i = 0; i < segs; ++i) {
       double sa, sb;
-      kernels::shifted_sums<Isa>(seg(i), len, 1.0, shift, sa, sb);
+      kernels::blocked_sums<Isa>(seg(i), len, *seg(0), sa, sb, next(i));
+      a += sa;
+      b += sb;
+    }
+    if (kernels::blocked_sums_trusted<T>(a, b, count)) return finish(count, shift, a, b);
+    a = b = 0.0;
+    for (Index i = 0; i < segs; ++i) {
+      double sa, sb;
+      kernels::shifted_sums<Isa>(seg(i), len, 1.0, shift, sa, sb, next(i));
       a += sa;
       b += sb;
     }
     return finish(count, shift, a, b);
   } else {
-    for (Index i = 0; i < segs; ++i) a += kernels::sum<Isa>(seg(i), len, 1.0, shift);
+    for (Index i = 0; i < segs; ++i) a += kernels::sum<Isa>(seg(i), len, 1.0, shift, next(i));
     const double m1 = shift + a / count;
     a = 0.0;
     for (Index i = 0; i < segs; ++i) {
@@ -294,9 +307,9 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
 
 // Per-sample statistics (GroupNorm, InstanceNorm), channels last, of sample n: column
 // sums down its M rows, then sums over each group's columns. out receives G moments.
-// scratch: 3 * C doubles.
+// scratch: 3 * C doubles; fshift: C values of T.
 template <class Isa, class T>
-void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, Mom* out) {
+void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, T* fshift, Mom* out) {
   const Index C = g.C;
   const T* xs = x + g.at(n, 0, 0);
   double* shift = scratch;
@@ -307,10 +320,6 @@ void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, Mom
     std::fill(out, out + g.G, Mom{0.0, kNaN, kNaN, 1.0});
     return;
   }
-  auto column_pass = [&]() {
-    std::fill(s, s + 2 * C, 0.0);
-    kernels::column_shifted_sums<Isa>(xs, g.M, C, C, shift, s, s2);
-  };
   auto group_sums = [&](Index grp, double& a, double& b) {
     a = b = 0.0;
     for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
@@ -318,22 +327,38 @@ void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, Mom
       b += s2[c];
     }
   };
-  for (Index c = 0; c < C; ++c) shift[c] = static_cast<double>(xs[(c / g.Cg) * g.Cg]);
-  column_pass();
+  // Exact double column sums of one group's columns (c0 .. c0 + Cg).
+  auto exact_group = [&](Index grp) {
+    const Index c0 = grp * g.Cg;
+    std::fill(s + c0, s + c0 + g.Cg, 0.0);
+    std::fill(s2 + c0, s2 + c0 + g.Cg, 0.0);
+    kernels::column_shifted_sums<Isa>(xs + c0, g.M, C, g.Cg, shift + c0, s + c0, s2 + c0);
+  };
+  for (Index c = 0; c < C; ++c) {
+    fshift[c] = xs[(c / g.Cg) * g.Cg];
+    shift[c] = static_cast<double>(fshift[c]);
+  }
   if constexpr (sizeof(T) <= sizeof(float)) {
+    std::fill(s, s + 2 * C, 0.0);
+    kernels::column_blocked_sums<Isa>(xs, g.M, C, C, fshift, s, s2);
     for (Index grp = 0; grp < g.G; ++grp) {
       double a, b;
       group_sums(grp, a, b);
+      if (!kernels::blocked_sums_trusted<T>(a, b, count)) {
+        exact_group(grp);
+        group_sums(grp, a, b);
+      }
       out[grp] = finish(count, shift[grp * g.Cg], a, b);
     }
   } else {
+    for (Index grp = 0; grp < g.G; ++grp) exact_group(grp);
     for (Index grp = 0; grp < g.G; ++grp) {
       double a, b;
       group_sums(grp, a, b);
       const double m1 = shift[grp * g.Cg] + a / count;
       for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) shift[c] = m1;
     }
-    column_pass();
+    for (Index grp = 0; grp < g.G; ++grp) exact_group(grp);
     for (Index grp = 0; grp < g.G; ++grp) {
       double a, b;
       group_sums(grp, a, b);
@@ -380,27 +405,39 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
   std::vector<double> shift(static_cast<std::size_t>(C)), s(static_cast<std::size_t>(C)),
       s2(static_cast<std::size_t>(C));
   for (Index c = 0; c < C; ++c) shift[static_cast<std::size_t>(c)] = static_cast<double>(x[c]);
-  auto pass = [&]() {
+  const double row_bytes = static_cast<double>(C * static_cast<Index>(sizeof(T)));
+  auto exact_pass = [&]() {
     chunked_columns(
-        device, rows, C, static_cast<double>(C * static_cast<Index>(sizeof(T))),
+        device, rows, C, row_bytes,
         [&](Index r0, Index r1, double* a, double* b) {
           kernels::column_shifted_sums<Isa>(x + r0 * C, r1 - r0, C, C, shift.data(), a, b);
         },
         s.data(), s2.data());
   };
-  pass();
   std::vector<Mom> out(static_cast<std::size_t>(C));
   if constexpr (sizeof(T) <= sizeof(float)) {
+    chunked_columns(
+        device, rows, C, row_bytes,
+        [&](Index r0, Index r1, double* a, double* b) {
+          kernels::column_blocked_sums<Isa>(x + r0 * C, r1 - r0, C, C, x, a, b);
+        },
+        s.data(), s2.data());
     for (Index c = 0; c < C; ++c) {
       const auto k = static_cast<std::size_t>(c);
+      if (!kernels::blocked_sums_trusted<T>(s[k], s2[k], count)) {
+        // The exact double sums of this column alone (strided; rare: extreme data).
+        s[k] = s2[k] = 0.0;
+        kernels::column_shifted_sums<Isa>(x + c, rows, C, 1, &shift[k], &s[k], &s2[k]);
+      }
       out[k] = finish(count, shift[k], s[k], s2[k]);
     }
   } else {
+    exact_pass();
     for (Index c = 0; c < C; ++c) {
       const auto k = static_cast<std::size_t>(c);
       shift[k] += s[k] / count;
     }
-    pass();
+    exact_pass();
     for (Index c = 0; c < C; ++c) {
       const auto k = static_cast<std::size_t>(c);
       out[k] = squares_in_range(s2[k]) || std::isnan(s2[k]) ? finish(count, shift[k], s[k], s2[k])
@@ -533,11 +570,12 @@ struct Arrays {
 };
 
 template <class Isa, class T, bool Stream>
-void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k) {
+void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
+                       const kernels::Prefetch& pf = {}) {
   if (k.wide)
-    kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b);
+    kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b, pf);
   else
-    kernels::affine_map<Isa, T, false, Stream, false>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b);
+    kernels::affine_map<Isa, T, false, Stream, false>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b, pf);
 }
 
 template <class Isa, class T, bool Stream>
@@ -643,10 +681,15 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
           save_stat(saved, s, st);
           const Index n0 = g.batch ? 0 : s / g.G;
           const Index c0 = g.batch ? s : (s % g.G) * g.Cg, c1 = g.batch ? s + 1 : c0 + g.Cg;
+          // BatchNorm: while channel c is normalized from cache, channel c + 1 (this
+          // thread's next) is prefetched, segment by segment.
+          const bool pf = g.batch && s + 1 < s1;
           for (Index c = c0; c < c1; ++c) {
             const FwdCoef<T> kc = coef(st, c);
             for (Index n = n0; n < n0 + per; ++n)
-              normalize_segment<Isa, T, kSt>(x.data + g.at(n, c, 0), y.data + g.at(n, c, 0), g.M, kc);
+              normalize_segment<Isa, T, kSt>(
+                  x.data + g.at(n, c, 0), y.data + g.at(n, c, 0), g.M, kc,
+                  pf ? kernels::Prefetch(x.data + g.at(n, c + 1, 0), g.M) : kernels::Prefetch());
           }
         }
         if (kSt) Isa::fence();
@@ -674,9 +717,9 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
                                      6.0 * static_cast<double>(g.M * g.C));
       parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
         std::vector<double> scratch(static_cast<std::size_t>(3 * g.C));
-        Arrays<T> a(g.C, 5);
+        Arrays<T> a(g.C, 6);  // hi, lo, pre, A, B; and the shifts of the statistics
         for (Index n = n0; n < n1; ++n) {
-          moments_last_sample<Isa>(g, x.data, n, scratch.data(), mom.data() + n * g.G);
+          moments_last_sample<Isa>(g, x.data, n, scratch.data(), a[5], mom.data() + n * g.G);
           bool wide = false;
           for (Index grp = 0; grp < g.G; ++grp) {
             const RowStat st = to_stat(mom[static_cast<std::size_t>(n * g.G + grp)], eps);

@@ -30,11 +30,47 @@ namespace kernels {
 // loads (one row from DRAM or L2) are the bound, and 4 chains already exceed them.
 constexpr int kUnroll = 2;
 
+// Software prefetch of another region while a kernel streams through its own, at the
+// same relative offset: when a pass moves from one short segment to the next (a
+// BatchNorm channel is N segments spread over memory; a row norm goes from one row's
+// statistics to its normalize pass), the hardware prefetcher would restart cold at each
+// segment and the loads would wait for memory's latency. Empty (p == nullptr): nothing.
+struct Prefetch {
+  const char* p = nullptr;
+  std::size_t bytes = 0;
+  Prefetch() = default;
+  template <class T>
+  Prefetch(const T* q, Index n) : p(reinterpret_cast<const char*>(q)),
+                                  bytes(q ? static_cast<std::size_t>(n) * sizeof(T) : 0) {}
+  // The lines of [off, off + step) bytes, each once.
+  template <std::size_t Step>
+  void at(std::size_t off) const {
+    if (!p) return;
+    if (Step < 64) {
+      if (off % 64 < Step && off < bytes) __builtin_prefetch(p + off, 0, 3);
+    } else {
+      for (std::size_t o = 0; o < Step; o += 64)
+        if (off + o < bytes) __builtin_prefetch(p + off + o, 0, 3);
+    }
+  }
+};
+
+// x * scale - shift with one rounding: an fmadd, or (Unit: scale == 1) a subtraction,
+// which gives the same bits and keeps the FMA ports free for the squares.
+template <class A, bool Unit>
+struct ShiftScale {
+  typename A::V scale, shift, nshift;
+  ShiftScale(double sc, double sh) : scale(A::set1(sc)), shift(A::set1(sh)), nshift(A::set1(-sh)) {}
+  typename A::V operator()(typename A::V v) const {
+    return Unit ? A::sub(v, shift) : A::fmadd(v, scale, nshift);
+  }
+};
+
 // s = sum_i (x_i * scale - shift) and s2 = sum_i (x_i * scale - shift)^2, in double.
-// scale is a power of two (exact); shift is subtracted with one rounding (fmadd).
-template <class Isa, class T>
-inline void shifted_sums(const T* x, Index n, double scale, double shift, double& s,
-                         double& s2) {
+// scale is a power of two (exact); shift is subtracted with one rounding.
+template <class Isa, class T, bool Unit>
+inline void shifted_sums_impl(const T* x, Index n, double scale, double shift, double& s,
+                              double& s2, const Prefetch& pf) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   constexpr Index W = static_cast<Index>(P::W);
@@ -44,13 +80,14 @@ inline void shifted_sums(const T* x, Index n, double scale, double shift, double
     a1[k] = A::zero();
     a2[k] = A::zero();
   }
-  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
+  const ShiftScale<A, Unit> shs(scale, shift);
   Index i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    pf.at<kUnroll * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
       P::widen(P::load(x + i + u * W), [&](typename A::V v) {
-        typename A::V d = A::fmadd(v, vscale, vnshift);
+        typename A::V d = shs(v);
         a1[k] = A::add(a1[k], d);
         a2[k] = A::fmadd(d, d, a2[k]);
         ++k;
@@ -60,7 +97,7 @@ inline void shifted_sums(const T* x, Index n, double scale, double shift, double
   for (; i + W <= n; i += W) {
     int k = 0;
     P::widen(P::load(x + i), [&](typename A::V v) {
-      typename A::V d = A::fmadd(v, vscale, vnshift);
+      typename A::V d = shs(v);
       a1[k] = A::add(a1[k], d);
       a2[k] = A::fmadd(d, d, a2[k]);
       ++k;
@@ -80,22 +117,32 @@ inline void shifted_sums(const T* x, Index n, double scale, double shift, double
   s2 = A::reduce(a2[0]) + t2;
 }
 
-// sum_i (x_i * scale - shift), in double.
 template <class Isa, class T>
-inline double sum(const T* x, Index n, double scale, double shift) {
+inline void shifted_sums(const T* x, Index n, double scale, double shift, double& s,
+                         double& s2, const Prefetch& pf = {}) {
+  if (scale == 1.0)
+    shifted_sums_impl<Isa, T, true>(x, n, scale, shift, s, s2, pf);
+  else
+    shifted_sums_impl<Isa, T, false>(x, n, scale, shift, s, s2, pf);
+}
+
+// sum_i (x_i * scale - shift), in double.
+template <class Isa, class T, bool Unit>
+inline double sum_impl(const T* x, Index n, double scale, double shift, const Prefetch& pf) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
   typename A::V a[K];
   for (int k = 0; k < K; ++k) a[k] = A::zero();
-  const typename A::V vscale = A::set1(scale), vnshift = A::set1(-shift);
+  const ShiftScale<A, Unit> shs(scale, shift);
   Index i = 0;
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
+    pf.at<kUnroll * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
       P::widen(P::load(x + i + u * W), [&](typename A::V v) {
-        a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
+        a[k] = A::add(a[k], shs(v));
         ++k;
       });
     }
@@ -103,7 +150,7 @@ inline double sum(const T* x, Index n, double scale, double shift) {
   for (; i + W <= n; i += W) {
     int k = 0;
     P::widen(P::load(x + i), [&](typename A::V v) {
-      a[k] = A::add(a[k], A::fmadd(v, vscale, vnshift));
+      a[k] = A::add(a[k], shs(v));
       ++k;
     });
   }
@@ -111,6 +158,12 @@ inline double sum(const T* x, Index n, double scale, double shift) {
   for (; i < n; ++i) t += static_cast<double>(x[i]) * scale - shift;
   for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
   return A::reduce(a[0]) + t;
+}
+
+template <class Isa, class T>
+inline double sum(const T* x, Index n, double scale, double shift, const Prefetch& pf = {}) {
+  return scale == 1.0 ? sum_impl<Isa, T, true>(x, n, scale, shift, pf)
+                      : sum_impl<Isa, T, false>(x, n, scale, shift, pf);
 }
 
 // sum_i (x_i * scale)^2, in double.
