@@ -96,7 +96,8 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* lo, cons
 // be dy or x.
 template <class Isa, class T, bool Vec, bool Stream, bool UseX>
 inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* lo,
-                   const T* A, const T* Cx, const T* D) {
+                   const T* A, const T* Cx, const T* D, const Prefetch& pf = {},
+                   const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
@@ -114,6 +115,8 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
   if (Stream)
     for (const Index h = stream_head<Isa>(dx, n); i < h; ++i) scalar_at(i);
   for (; i + W <= n; i += W) {
+    pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     typename P::V v;
     if (UseX) {
       const typename P::V xc = P::sub(P::sub(P::load(x + i), qh.at(i)), ql.at(i));
@@ -129,26 +132,47 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
   for (; i < n; ++i) scalar_at(i);
 }
 
-// Over a contiguous segment: sdy = sum dy, sdyx = sum dy * xc (xc = (x - hi) - lo, the
-// product rounded once in T), in double.
+// Over a contiguous segment: sdy = sum dy, sdyx = sum dy * xc (xc = (x - hi) - lo), in
+// double, from trees of 8 packets summed in T (as blocked_sums: a few roundings of T per
+// term, against the one of each product dy * xc).
 template <class Isa, class T>
 inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, double& sdy,
-                              double& sdyx) {
+                              double& sdyx, const Prefetch& pf = {}, const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
+  using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr int K = static_cast<int>(P::W / A::W);
+  constexpr int B = 8;
   typename A::V a1[K], a2[K];
   for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
-  const typename P::V vh = P::set1(hi), vl = P::set1(lo);
-  Index i = 0;
-  for (; i + W <= n; i += W) {
-    const typename P::V d = P::load(dy + i);
-    const typename P::V xc = P::sub(P::sub(P::load(x + i), vh), vl);
+  auto flush = [&](V t1, V t2) {
     int k = 0;
-    P::widen(d, [&](typename A::V v) { a1[k] = A::add(a1[k], v); ++k; });
+    P::widen(t1, [&](typename A::V v) { a1[k] = A::add(a1[k], v); ++k; });
     k = 0;
-    P::widen(P::mul(d, xc), [&](typename A::V v) { a2[k] = A::add(a2[k], v); ++k; });
+    P::widen(t2, [&](typename A::V v) { a2[k] = A::add(a2[k], v); ++k; });
+  };
+  const V vh = P::set1(hi), vl = P::set1(lo);
+  Index i = 0;
+  for (; i + B * W <= n; i += B * W) {
+    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    V d[B], xc[B], t[B / 2], q[B / 2];
+    for (int b = 0; b < B; ++b) {
+      d[b] = P::load(dy + i + b * W);
+      xc[b] = P::sub(P::sub(P::load(x + i + b * W), vh), vl);
+    }
+    for (int b = 0; b < B / 2; ++b) {
+      t[b] = P::add(d[2 * b], d[2 * b + 1]);
+      q[b] = P::fmadd(d[2 * b + 1], xc[2 * b + 1], P::mul(d[2 * b], xc[2 * b]));
+    }
+    t[0] = P::add(P::add(t[0], t[1]), P::add(t[2], t[3]));
+    q[0] = P::add(P::add(q[0], q[1]), P::add(q[2], q[3]));
+    flush(t[0], q[0]);
+  }
+  for (; i + W <= n; i += W) {
+    const V d = P::load(dy + i);
+    flush(d, P::mul(d, P::sub(P::sub(P::load(x + i), vh), vl)));
   }
   double t1 = 0.0, t2 = 0.0;
   for (; i < n; ++i) {
@@ -353,18 +377,20 @@ inline void column_shifted_sums(const T* x, Index rows, Index ld, Index C, const
 
 // Column sums of the backward pass over `rows` rows of C elements, ld apart, added:
 //   sdy[c] += sum_r dy[r, c],  sdyx[c] += sum_r dy[r, c] * xc[r, c],
-// xc = (x - hi[c]) - lo[c], the product rounded once in T as in segment_grad_sums.
+// xc = (x - hi[c]) - lo[c]; trees of 4 rows in T, tiles of 16 rows in double registers
+// (as column_blocked_sums).
 template <class Isa, class T>
 inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Index C,
                              const T* hi, const T* lo, double* sdy, double* sdyx) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
+  using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr Index WA = static_cast<Index>(A::W);
   constexpr std::size_t KP = P::W / A::W;
   Index r = 0;
-  auto block = [&](auto R) {
-    constexpr int kR = decltype(R)::value;
+  auto tile = [&](auto Gc) {
+    constexpr int G = decltype(Gc)::value;
     Index c = 0;
     for (; c + W <= C; c += W) {
       typename A::V t1[KP], t2[KP];
@@ -372,14 +398,25 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
         t1[k] = A::load(sdy + c + static_cast<Index>(k) * WA);
         t2[k] = A::load(sdyx + c + static_cast<Index>(k) * WA);
       }
-      const typename P::V vh = P::load(hi + c), vl = P::load(lo + c);
-      for (int j = 0; j < kR; ++j) {
-        const typename P::V d = P::load(dy + (r + j) * ld + c);
-        const typename P::V xc = P::sub(P::sub(P::load(x + (r + j) * ld + c), vh), vl);
+      const V vh = P::load(hi + c), vl = P::load(lo + c);
+      auto add = [&](V ts, V tq) {
         int k = 0;
-        P::widen(d, [&](typename A::V v) { t1[k] = A::add(t1[k], v); ++k; });
+        P::widen(ts, [&](typename A::V w) { t1[k] = A::add(t1[k], w); ++k; });
         k = 0;
-        P::widen(P::mul(d, xc), [&](typename A::V v) { t2[k] = A::add(t2[k], v); ++k; });
+        P::widen(tq, [&](typename A::V w) { t2[k] = A::add(t2[k], w); ++k; });
+      };
+      auto xc_at = [&](Index row) { return P::sub(P::sub(P::load(x + row * ld + c), vh), vl); };
+      if (G == 0) {
+        const V d = P::load(dy + r * ld + c);
+        add(d, P::mul(d, xc_at(r)));
+      }
+      for (int q = 0; q < G; ++q) {
+        const Index r0 = r + 4 * q;
+        const V d0 = P::load(dy + r0 * ld + c), d1 = P::load(dy + (r0 + 1) * ld + c);
+        const V d2 = P::load(dy + (r0 + 2) * ld + c), d3 = P::load(dy + (r0 + 3) * ld + c);
+        add(P::add(P::add(d0, d1), P::add(d2, d3)),
+            P::add(P::fmadd(d1, xc_at(r0 + 1), P::mul(d0, xc_at(r0))),
+                   P::fmadd(d3, xc_at(r0 + 3), P::mul(d2, xc_at(r0 + 2)))));
       }
       for (std::size_t k = 0; k < KP; ++k) {
         A::store(sdy + c + static_cast<Index>(k) * WA, t1[k]);
@@ -388,17 +425,26 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
     }
     for (; c < C; ++c) {
       double a = sdy[c], b = sdyx[c];
-      for (int j = 0; j < kR; ++j) {
-        const T d = dy[(r + j) * ld + c];
-        a += static_cast<double>(d);
-        b += static_cast<double>(d * ((x[(r + j) * ld + c] - hi[c]) - lo[c]));
+      auto xc_s = [&](Index row) { return (x[row * ld + c] - hi[c]) - lo[c]; };
+      if (G == 0) {
+        a += static_cast<double>(dy[r * ld + c]);
+        b += static_cast<double>(dy[r * ld + c] * xc_s(r));
+      }
+      for (int q = 0; q < G; ++q) {
+        const Index r0 = r + 4 * q;
+        const T d0 = dy[r0 * ld + c], d1 = dy[(r0 + 1) * ld + c];
+        const T d2 = dy[(r0 + 2) * ld + c], d3 = dy[(r0 + 3) * ld + c];
+        a += static_cast<double>((d0 + d1) + (d2 + d3));
+        b += static_cast<double>(fmadd_s(d1, xc_s(r0 + 1), d0 * xc_s(r0)) +
+                                 fmadd_s(d3, xc_s(r0 + 3), d2 * xc_s(r0 + 2)));
       }
       sdy[c] = a;
       sdyx[c] = b;
     }
   };
-  for (; r + 4 <= rows; r += 4) block(std::integral_constant<int, 4>{});
-  for (; r < rows; ++r) block(std::integral_constant<int, 1>{});
+  for (; r + 16 <= rows; r += 16) tile(std::integral_constant<int, 4>{});
+  for (; r + 4 <= rows; r += 4) tile(std::integral_constant<int, 1>{});
+  for (; r < rows; ++r) tile(std::integral_constant<int, 0>{});
 }
 
 }  // namespace kernels

@@ -864,21 +864,30 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
           for (Index c = c0; c < c1; ++c) {
             const auto i = static_cast<std::size_t>(c);
             double a = 0.0, b = 0.0;
+            // Prefetch as in forward: the next segment while one is summed, and the next
+            // channel while one is written.
+            auto pf = [&](const T* base, Index n, Index cc, bool ok) {
+              return ok ? kernels::Prefetch(base + g.at(n, cc, 0), g.M) : kernels::Prefetch();
+            };
             if (need_sums)
               for (Index n = 0; n < g.N; ++n) {
                 double sa, sb;
+                const bool more = n + 1 < g.N;
                 kernels::segment_grad_sums<Isa>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                g.M, hi[i], lo[i], sa, sb);
+                                                g.M, hi[i], lo[i], sa, sb, pf(x.data, n + 1, c, more),
+                                                pf(dy.data, n + 1, c, more));
                 a += sa;
                 b += sb;
               }
             BwdCoef<T> k;
             finish_channel(c, a, b, k);
             if (!want_dx) continue;
+            const bool next = c + 1 < c1;
             for (Index n = 0; n < g.N; ++n)
               kernels::dx_map<Isa, T, false, kSt, kUX>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
                                                        dx.data + g.at(n, c, 0), g.M, &hi[i], &lo[i],
-                                                       &k.a, &k.cx, &k.d);
+                                                       &k.a, &k.cx, &k.d, pf(x.data, n, c + 1, next),
+                                                       pf(dy.data, n, c + 1, next));
           }
           if (kSt) Isa::fence();
         });
