@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # normkit's test suite, as CI runs it (.ci/run):
 #   1. gcc Release, -Werror, tests and examples (benches off): build, ctest
-#      (unit tests per SIMD backend, the examples, the install/consumer package tests);
+#      (unit tests per SIMD backend, the examples, the MPI example on 2 and 3 ranks,
+#      the install/consumer package tests);
 #   2. ASan + UBSan (NORMKIT_SANITIZE), Debug at -O1, -Werror, tests only: build, ctest.
 # Installs the Debian packages it needs when they are missing (run as root, or with sudo).
 # Build dirs: build/gcc-release, build/asan-ubsan. Ends with "run-tests: N passed, 0 failed".
@@ -25,7 +26,8 @@ ctest_in() {
 }
 
 log "Debian packages"
-ensure_debs g++ make cmake libeigen3-dev catch2 -- ccache
+# libopenmpi-dev, openmpi-bin: the gcc Release step's MPI example (examples/mpi).
+ensure_debs g++ make cmake libeigen3-dev catch2 libopenmpi-dev openmpi-bin -- ccache
 find_launcher
 
 step="gcc Release"
@@ -33,6 +35,11 @@ log "$step: configure build/gcc-release"
 cmake -S . -B build/gcc-release -DCMAKE_CXX_COMPILER=g++ -DCMAKE_BUILD_TYPE=Release \
   "${LAUNCHER_ARGS[@]}" -DNORMKIT_WERROR=ON \
   -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_EXAMPLES=ON -DNORMKIT_BUILD_BENCH=OFF
+# examples/mpi builds only where MPI is found: here it must be, or its tests vanish silently.
+if ! (cd build/gcc-release && ctest -N -R '^example\.mpi\.' | grep 'Total Tests: [1-9]' >/dev/null); then
+  echo "error: MPI not found: the MPI example (examples/mpi) would not be tested" >&2
+  exit 1
+fi
 log "$step: build (-j$jobs)"
 cmake --build build/gcc-release -j "$jobs"
 log "$step: ctest"
