@@ -11,11 +11,13 @@
 // same formula per element with the same parameter values, so both formats give the
 // same numbers.
 //
-// Forward, per element: y = ((x - mean_hi) - mean_lo) * A + B, with A = rstd * gamma and
-// B = beta rounded once to T. (x - mean_hi) is exact for x near the mean, so the large-
-// mean case keeps its precision; mean_lo carries the rest of the double mean.
-// Backward: dx = dy * A + (xc * Cx + D), xc = (x - mean_hi) - mean_lo, with the per-group
-// coefficients of the closed form (channel_norm.hpp) rounded once to T.
+// Forward, per element: y = (x - mean_hi) * A + B, with A = rstd * gamma and
+// B = beta - mean_lo * A computed in double and rounded once to T. (x - mean_hi) is exact
+// for x near the mean, so the large-mean case keeps its precision; mean_lo, the rest of
+// the double mean, enters through B. Backward: dx = dy * A + ((x - mean_hi) * Cx + D),
+// with the per-group coefficients of the closed form (channel_norm.hpp) rounded once to
+// T. Three parameters per element (four in backward) keep the channels-last passes,
+// which load them per column, within the load ports.
 #pragma once
 
 #include <cmath>
@@ -60,19 +62,19 @@ Index stream_head(const T* y, Index n) {
   return i;
 }
 
-// y = fma(xc * pre, A, B), xc = (x - hi) - lo. Prescale multiplies xc by a power of two
+// y = fma(xc * pre, A, B), xc = x - hi. Prescale multiplies xc by a power of two
 // (exact) so that A = rstd * gamma / pre stays finite when rstd alone would overflow T.
 // y may be x.
 template <class Isa, class T, bool Vec, bool Stream, bool Prescale>
-inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* lo, const T* pre,
-                       const T* A, const T* B, const Prefetch& pf = {}) {
+inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, const T* A,
+                       const T* B, const Prefetch& pf = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
-  const Q qh(hi), ql(lo), qa(A), qb(B);
+  const Q qh(hi), qa(A), qb(B);
   const Q qp(Prescale ? pre : hi);
   auto scalar_at = [&](Index i) {
-    T xc = (x[i] - qh.scalar(i)) - ql.scalar(i);
+    T xc = x[i] - qh.scalar(i);
     if (Prescale) xc *= qp.scalar(i);
     y[i] = fmadd_s(xc, qa.scalar(i), qb.scalar(i));
   };
@@ -81,7 +83,7 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* lo, cons
     for (const Index h = stream_head<Isa>(y, n); i < h; ++i) scalar_at(i);
   for (; i + W <= n; i += W) {
     pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    typename P::V xc = P::sub(P::sub(P::load(x + i), qh.at(i)), ql.at(i));
+    typename P::V xc = P::sub(P::load(x + i), qh.at(i));
     if (Prescale) xc = P::mul(xc, qp.at(i));
     const typename P::V v = P::fmadd(xc, qa.at(i), qb.at(i));
     if (Stream)
@@ -92,20 +94,20 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* lo, cons
   for (; i < n; ++i) scalar_at(i);
 }
 
-// dx = fma(dy, A, fma(xc, Cx, D)) with xc = (x - hi) - lo (UseX), or dx = dy * A. dx may
+// dx = fma(dy, A, fma(xc, Cx, D)) with xc = x - hi (UseX), or dx = dy * A. dx may
 // be dy or x.
 template <class Isa, class T, bool Vec, bool Stream, bool UseX>
-inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* lo,
-                   const T* A, const T* Cx, const T* D, const Prefetch& pf = {},
+inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* A,
+                   const T* Cx, const T* D, const Prefetch& pf = {},
                    const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
   const Q qa(A);
-  const Q qh(UseX ? hi : A), ql(UseX ? lo : A), qc(UseX ? Cx : A), qd(UseX ? D : A);
+  const Q qh(UseX ? hi : A), qc(UseX ? Cx : A), qd(UseX ? D : A);
   auto scalar_at = [&](Index i) {
     if (UseX) {
-      const T xc = (x[i] - qh.scalar(i)) - ql.scalar(i);
+      const T xc = x[i] - qh.scalar(i);
       dx[i] = fmadd_s(dy[i], qa.scalar(i), fmadd_s(xc, qc.scalar(i), qd.scalar(i)));
     } else {
       dx[i] = dy[i] * qa.scalar(i);
@@ -119,7 +121,7 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
     pf2.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     typename P::V v;
     if (UseX) {
-      const typename P::V xc = P::sub(P::sub(P::load(x + i), qh.at(i)), ql.at(i));
+      const typename P::V xc = P::sub(P::load(x + i), qh.at(i));
       v = P::fmadd(P::load(dy + i), qa.at(i), P::fmadd(xc, qc.at(i), qd.at(i)));
     } else {
       v = P::mul(P::load(dy + i), qa.at(i));
@@ -132,11 +134,12 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
   for (; i < n; ++i) scalar_at(i);
 }
 
-// Over a contiguous segment: sdy = sum dy, sdyx = sum dy * xc (xc = (x - hi) - lo), in
+// Over a contiguous segment: sdy = sum dy, sdyx = sum dy * (x - hi) (the caller
+// subtracts mean_lo * sdy), in
 // double, from trees of 8 packets summed in T (as blocked_sums: a few roundings of T per
 // term, against the one of each product dy * xc).
 template <class Isa, class T>
-inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, double& sdy,
+inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sdy,
                               double& sdyx, const Prefetch& pf = {}, const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
@@ -152,7 +155,7 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, doub
     k = 0;
     P::widen(t2, [&](typename A::V v) { a2[k] = A::add(a2[k], v); ++k; });
   };
-  const V vh = P::set1(hi), vl = P::set1(lo);
+  const V vh = P::set1(hi);
   Index i = 0;
   for (; i + B * W <= n; i += B * W) {
     pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
@@ -160,7 +163,7 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, doub
     V d[B], xc[B], t[B / 2], q[B / 2];
     for (int b = 0; b < B; ++b) {
       d[b] = P::load(dy + i + b * W);
-      xc[b] = P::sub(P::sub(P::load(x + i + b * W), vh), vl);
+      xc[b] = P::sub(P::load(x + i + b * W), vh);
     }
     for (int b = 0; b < B / 2; ++b) {
       t[b] = P::add(d[2 * b], d[2 * b + 1]);
@@ -172,12 +175,12 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, T lo, doub
   }
   for (; i + W <= n; i += W) {
     const V d = P::load(dy + i);
-    flush(d, P::mul(d, P::sub(P::sub(P::load(x + i), vh), vl)));
+    flush(d, P::mul(d, P::sub(P::load(x + i), vh)));
   }
   double t1 = 0.0, t2 = 0.0;
   for (; i < n; ++i) {
     t1 += static_cast<double>(dy[i]);
-    t2 += static_cast<double>(dy[i] * ((x[i] - hi) - lo));
+    t2 += static_cast<double>(dy[i] * (x[i] - hi));
   }
   for (int k = 1; k < K; ++k) {
     a1[0] = A::add(a1[0], a1[k]);
@@ -377,11 +380,11 @@ inline void column_shifted_sums(const T* x, Index rows, Index ld, Index C, const
 
 // Column sums of the backward pass over `rows` rows of C elements, ld apart, added:
 //   sdy[c] += sum_r dy[r, c],  sdyx[c] += sum_r dy[r, c] * xc[r, c],
-// xc = (x - hi[c]) - lo[c]; trees of 4 rows in T, tiles of 16 rows in double registers
+// xc = x - hi[c] (the caller subtracts mean_lo * sdy); trees of 4 rows in T, tiles of 16 rows in double registers
 // (as column_blocked_sums).
 template <class Isa, class T>
 inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Index C,
-                             const T* hi, const T* lo, double* sdy, double* sdyx) {
+                             const T* hi, double* sdy, double* sdyx) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using V = typename P::V;
@@ -398,14 +401,14 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
         t1[k] = A::load(sdy + c + static_cast<Index>(k) * WA);
         t2[k] = A::load(sdyx + c + static_cast<Index>(k) * WA);
       }
-      const V vh = P::load(hi + c), vl = P::load(lo + c);
+      const V vh = P::load(hi + c);
       auto add = [&](V ts, V tq) {
         int k = 0;
         P::widen(ts, [&](typename A::V w) { t1[k] = A::add(t1[k], w); ++k; });
         k = 0;
         P::widen(tq, [&](typename A::V w) { t2[k] = A::add(t2[k], w); ++k; });
       };
-      auto xc_at = [&](Index row) { return P::sub(P::sub(P::load(x + row * ld + c), vh), vl); };
+      auto xc_at = [&](Index row) { return P::sub(P::load(x + row * ld + c), vh); };
       if (G == 0) {
         const V d = P::load(dy + r * ld + c);
         add(d, P::mul(d, xc_at(r)));
@@ -425,7 +428,7 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
     }
     for (; c < C; ++c) {
       double a = sdy[c], b = sdyx[c];
-      auto xc_s = [&](Index row) { return (x[row * ld + c] - hi[c]) - lo[c]; };
+      auto xc_s = [&](Index row) { return x[row * ld + c] - hi[c]; };
       if (G == 0) {
         a += static_cast<double>(dy[r * ld + c]);
         b += static_cast<double>(dy[r * ld + c] * xc_s(r));

@@ -305,11 +305,13 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
   }
 }
 
-// Per-sample statistics (GroupNorm, InstanceNorm), channels last, of sample n: column
-// sums down its M rows, then sums over each group's columns. out receives G moments.
-// scratch: 3 * C doubles; fshift: C values of T.
+// Per-sample statistics (GroupNorm, InstanceNorm), channels last, of groups [g0, g1) of
+// sample n: column sums down its M rows, then sums over each group's columns. out
+// receives the moments of those groups (out[grp]). scratch: 3 * C doubles; fshift: C
+// values of T (both indexed by channel).
 template <class Isa, class T>
-void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, T* fshift, Mom* out) {
+void moments_last_sample(const Geo& g, const T* x, Index n, Index g0, Index g1, double* scratch,
+                         T* fshift, Mom* out) {
   const Index C = g.C;
   const T* xs = x + g.at(n, 0, 0);
   double* shift = scratch;
@@ -317,9 +319,10 @@ void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, T* 
   double* s2 = scratch + 2 * C;
   const double count = static_cast<double>(g.count());
   if (g.count() == 0) {
-    std::fill(out, out + g.G, Mom{0.0, kNaN, kNaN, 1.0});
+    std::fill(out + g0, out + g1, Mom{0.0, kNaN, kNaN, 1.0});
     return;
   }
+  const Index c0 = g0 * g.Cg, c1 = g1 * g.Cg;
   auto group_sums = [&](Index grp, double& a, double& b) {
     a = b = 0.0;
     for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
@@ -327,21 +330,22 @@ void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, T* 
       b += s2[c];
     }
   };
-  // Exact double column sums of one group's columns (c0 .. c0 + Cg).
+  // Exact double column sums of one group's columns.
   auto exact_group = [&](Index grp) {
-    const Index c0 = grp * g.Cg;
-    std::fill(s + c0, s + c0 + g.Cg, 0.0);
-    std::fill(s2 + c0, s2 + c0 + g.Cg, 0.0);
-    kernels::column_shifted_sums<Isa>(xs + c0, g.M, C, g.Cg, shift + c0, s + c0, s2 + c0);
+    const Index cg = grp * g.Cg;
+    std::fill(s + cg, s + cg + g.Cg, 0.0);
+    std::fill(s2 + cg, s2 + cg + g.Cg, 0.0);
+    kernels::column_shifted_sums<Isa>(xs + cg, g.M, C, g.Cg, shift + cg, s + cg, s2 + cg);
   };
-  for (Index c = 0; c < C; ++c) {
+  for (Index c = c0; c < c1; ++c) {
     fshift[c] = xs[(c / g.Cg) * g.Cg];
     shift[c] = static_cast<double>(fshift[c]);
   }
   if constexpr (sizeof(T) <= sizeof(float)) {
-    std::fill(s, s + 2 * C, 0.0);
-    kernels::column_blocked_sums<Isa>(xs, g.M, C, C, fshift, s, s2);
-    for (Index grp = 0; grp < g.G; ++grp) {
+    std::fill(s + c0, s + c1, 0.0);
+    std::fill(s2 + c0, s2 + c1, 0.0);
+    kernels::column_blocked_sums<Isa>(xs + c0, g.M, C, c1 - c0, fshift + c0, s + c0, s2 + c0);
+    for (Index grp = g0; grp < g1; ++grp) {
       double a, b;
       group_sums(grp, a, b);
       if (!kernels::blocked_sums_trusted<T>(a, b, count)) {
@@ -351,21 +355,44 @@ void moments_last_sample(const Geo& g, const T* x, Index n, double* scratch, T* 
       out[grp] = finish(count, shift[grp * g.Cg], a, b);
     }
   } else {
-    for (Index grp = 0; grp < g.G; ++grp) exact_group(grp);
-    for (Index grp = 0; grp < g.G; ++grp) {
+    for (Index grp = g0; grp < g1; ++grp) exact_group(grp);
+    for (Index grp = g0; grp < g1; ++grp) {
       double a, b;
       group_sums(grp, a, b);
       const double m1 = shift[grp * g.Cg] + a / count;
       for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) shift[c] = m1;
     }
-    for (Index grp = 0; grp < g.G; ++grp) exact_group(grp);
-    for (Index grp = 0; grp < g.G; ++grp) {
+    for (Index grp = g0; grp < g1; ++grp) exact_group(grp);
+    for (Index grp = g0; grp < g1; ++grp) {
       double a, b;
       group_sums(grp, a, b);
       out[grp] = squares_in_range(b) || std::isnan(b) ? finish(count, shift[grp * g.Cg], a, b)
                                                       : rescaled_moments(g, x, n * g.G + grp);
     }
   }
+}
+
+// Channels last, per-sample statistics: a sample is M rows of C channels, and its
+// statistics pass and element-wise pass both read it. Taken in blocks of whole groups of
+// about kColumnBlockBytes (M rows x the block's channels), each block is read from memory
+// once and again from L2, instead of the whole sample (2 MB at [8, 512, 32, 32]) twice.
+constexpr Index kColumnBlockBytes = Index{512} << 10;
+
+// Groups per block: about kColumnBlockBytes, and a whole number of cache lines of
+// channels per row where the group size allows (a block edge inside a line would read
+// that line twice).
+inline Index groups_per_block(const Geo& g, std::size_t elem_bytes) {
+  const Index per_group = std::max<Index>(1, g.M * g.Cg * static_cast<Index>(elem_bytes));
+  const Index line = std::max<Index>(1, 64 / static_cast<Index>(elem_bytes));
+  Index a = g.Cg, b = line;  // q = line / gcd(Cg, line) groups fill whole lines
+  while (b != 0) {
+    const Index t = a % b;
+    a = b;
+    b = t;
+  }
+  const Index q = line / a;
+  const Index gpb = std::max<Index>(1, kColumnBlockBytes / per_group) / q * q;
+  return std::max<Index>(1, std::min<Index>(g.G, std::max(gpb, q)));
 }
 
 // Column sums over all N * M rows in a fixed number of row chunks (a function of the
@@ -450,10 +477,10 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
 // ---------------------------------------------------------------------------------
 // Element-wise coefficients.
 
-// Forward: y = fma(((x - hi) - lo) * pre, a, b).
+// Forward: y = fma((x - hi) * pre, a, b) with b = beta - lo * rstd * gamma.
 template <class T>
 struct FwdCoef {
-  T hi, lo, pre, a, b;
+  T hi, pre, a, b;
   bool wide;  // pre != 1
 };
 
@@ -467,14 +494,16 @@ FwdCoef<T> forward_coef(const RowStat& st, double gamma, double beta) {
   FwdCoef<T> k{};
   const double mean = st.mean();
   k.hi = static_cast<T>(mean);
-  k.lo = static_cast<T>(mean - static_cast<double>(k.hi));
+  const double lo = static_cast<double>(static_cast<T>(mean - static_cast<double>(k.hi)));
   k.pre = T(1);
   k.b = static_cast<T>(beta);
   k.wide = false;
-  if (st.denom_s == 0.0) {  // var + eps == 0: a constant group, xc == 0, y = beta
+  if (st.denom_s == 0.0) {  // var + eps == 0: a constant group, x == hi, y = beta
     k.a = T(0);
     return k;
   }
+  // lo * rstd * gamma, in an order that cannot overflow where the result does not.
+  k.b = static_cast<T>(beta - lo * st.scale / st.denom_s * gamma);
   const double a = st.rstd * gamma;
   if (!std::isinf(static_cast<T>(a)) || std::isnan(a) || std::isinf(gamma)) {
     k.a = static_cast<T>(a);
@@ -509,10 +538,12 @@ struct BwdCoef {
   T a, cx, d;
 };
 
+// With xc = x - hi instead of (x - hi) - lo, d becomes d - lo * cx.
 template <class T>
-BwdCoef<T> backward_coef(double rstd, double gamma, double mg, double mgx) {
-  return {static_cast<T>(rstd * gamma), static_cast<T>(-rstd * rstd * mgx),
-          static_cast<T>(-rstd * mg)};
+BwdCoef<T> backward_coef(double rstd, double gamma, double mg, double mgx, T lo) {
+  const double cx = -rstd * rstd * mgx;
+  return {static_cast<T>(rstd * gamma), static_cast<T>(cx),
+          static_cast<T>(-rstd * mg - static_cast<double>(lo) * cx)};
 }
 
 template <class T>
@@ -573,30 +604,33 @@ template <class Isa, class T, bool Stream>
 void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
                        const kernels::Prefetch& pf = {}) {
   if (k.wide)
-    kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b, pf);
+    kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.pre, &k.a, &k.b, pf);
   else
-    kernels::affine_map<Isa, T, false, Stream, false>(x, y, n, &k.hi, &k.lo, &k.pre, &k.a, &k.b, pf);
+    kernels::affine_map<Isa, T, false, Stream, false>(x, y, n, &k.hi, &k.pre, &k.a, &k.b, pf);
 }
 
+// Rows [r0, r1) of channels [c0, c1), rows ld apart. Arrays a[0..3]: hi, pre, A, B per
+// channel.
 template <class Isa, class T, bool Stream>
-void normalize_rows(const T* x, T* y, Index r0, Index r1, Index C, Arrays<T>& a, bool wide) {
+void normalize_rows(const T* x, T* y, Index r0, Index r1, Index ld, Index c0, Index c1,
+                    Arrays<T>& a, bool wide) {
   for (Index r = r0; r < r1; ++r) {
+    const Index o = r * ld + c0;
     if (wide)
-      kernels::affine_map<Isa, T, true, Stream, true>(x + r * C, y + r * C, C, a[0], a[1], a[2],
-                                                       a[3], a[4]);
+      kernels::affine_map<Isa, T, true, Stream, true>(x + o, y + o, c1 - c0, a[0] + c0, a[1] + c0,
+                                                       a[2] + c0, a[3] + c0);
     else
-      kernels::affine_map<Isa, T, true, Stream, false>(x + r * C, y + r * C, C, a[0], a[1], a[2],
-                                                        a[3], a[4]);
+      kernels::affine_map<Isa, T, true, Stream, false>(x + o, y + o, c1 - c0, a[0] + c0,
+                                                        a[1] + c0, a[2] + c0, a[3] + c0);
   }
 }
 
 template <class T>
 bool fill_forward(Arrays<T>& a, Index c, const FwdCoef<T>& k) {
   a[0][c] = k.hi;
-  a[1][c] = k.lo;
-  a[2][c] = k.pre;
-  a[3][c] = k.a;
-  a[4][c] = k.b;
+  a[1][c] = k.pre;
+  a[2][c] = k.a;
+  a[3][c] = k.b;
   return k.wide;
 }
 
@@ -698,7 +732,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       // Channels last, BatchNorm: column sums over all rows, then every row normalized
       // with the per-channel arrays.
       if (!global) mom = moments_last_batch<Isa>(g, x.data, device);
-      Arrays<T> a(g.C, 5);
+      Arrays<T> a(g.C, 4);
       bool wide = false;
       for (Index c = 0; c < g.C; ++c) {
         const RowStat st = to_stat(mom[static_cast<std::size_t>(c)], eps);
@@ -707,7 +741,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       }
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 4.0 * static_cast<double>(g.C));
       parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, a, wide);
+        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide);
         if (kSt) Isa::fence();
       });
     } else {
@@ -717,17 +751,22 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
                                      6.0 * static_cast<double>(g.M * g.C));
       parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
         std::vector<double> scratch(static_cast<std::size_t>(3 * g.C));
-        Arrays<T> a(g.C, 6);  // hi, lo, pre, A, B; and the shifts of the statistics
+        Arrays<T> a(g.C, 5);  // hi, pre, A, B; and the shifts of the statistics
+        const Index gpb = groups_per_block(g, sizeof(T));
         for (Index n = n0; n < n1; ++n) {
-          moments_last_sample<Isa>(g, x.data, n, scratch.data(), a[5], mom.data() + n * g.G);
-          bool wide = false;
-          for (Index grp = 0; grp < g.G; ++grp) {
-            const RowStat st = to_stat(mom[static_cast<std::size_t>(n * g.G + grp)], eps);
-            save_stat(saved, n * g.G + grp, st);
-            for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) wide |= fill_forward(a, c, coef(st, c));
-          }
           const Index base = g.at(n, 0, 0);
-          normalize_rows<Isa, T, kSt>(x.data + base, y.data + base, 0, g.M, g.C, a, wide);
+          for (Index g0 = 0; g0 < g.G; g0 += gpb) {
+            const Index g1 = std::min(g.G, g0 + gpb);
+            moments_last_sample<Isa>(g, x.data, n, g0, g1, scratch.data(), a[4], mom.data() + n * g.G);
+            bool wide = false;
+            for (Index grp = g0; grp < g1; ++grp) {
+              const RowStat st = to_stat(mom[static_cast<std::size_t>(n * g.G + grp)], eps);
+              save_stat(saved, n * g.G + grp, st);
+              for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) wide |= fill_forward(a, c, coef(st, c));
+            }
+            normalize_rows<Isa, T, kSt>(x.data + base, y.data + base, 0, g.M, g.C, g0 * g.Cg,
+                                        g1 * g.Cg, a, wide);
+          }
         }
         if (kSt) Isa::fence();
       });
@@ -753,7 +792,7 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
   check_forward_out(where, x, p, y, run);
   const T* gamma = p.gamma.data;
   const T* beta = p.beta.data;
-  Arrays<T> a(g.C, 5);
+  Arrays<T> a(g.C, 4);
   std::vector<FwdCoef<T>> k(static_cast<std::size_t>(g.C));
   bool wide = false;
   for (Index c = 0; c < g.C; ++c) {
@@ -775,7 +814,7 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
     } else {
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 3.0 * static_cast<double>(g.C));
       parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, a, wide);
+        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide);
         if (kSt) Isa::fence();
       });
     }
@@ -840,19 +879,20 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
   const double count = mode == Mode::Global ? gg->count : static_cast<double>(g.count());
   // Per channel: sum dy and sum dy xhat, then the dx coefficients.
   std::vector<double> sdy(static_cast<std::size_t>(C), 0.0), sdyxh(static_cast<std::size_t>(C), 0.0);
+  // a = sum dy, b = sum dy (x - hi) from the passes: sum dy xhat = rstd (b - lo a).
   auto finish_channel = [&](Index c, double a, double b, BwdCoef<T>& k) {
     const auto i = static_cast<std::size_t>(c);
     if (mode == Mode::Global) {
       a = gg->sums->sum_dy(c);
       b = gg->sums->sum_dy_xhat(c);
     } else {
-      b *= rstd[i];
+      b = rstd[i] * (b - static_cast<double>(lo[i]) * a);
     }
     sdy[i] = a;
     sdyxh[i] = b;
     const double gm = gamma ? static_cast<double>(gamma[c]) : 1.0;
     k = mode == Mode::Eval ? BwdCoef<T>{static_cast<T>(rstd[i] * gm), T(0), T(0)}
-                           : backward_coef<T>(rstd[i], gm, gm * a / count, gm * b / count);
+                           : backward_coef<T>(rstd[i], gm, gm * a / count, gm * b / count, lo[i]);
   };
   with_bool(want_dx && stream_output<T>(x.size()), [&](auto St) {
     with_bool(mode != Mode::Eval, [&](auto UX) {
@@ -874,7 +914,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
                 double sa, sb;
                 const bool more = n + 1 < g.N;
                 kernels::segment_grad_sums<Isa>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                g.M, hi[i], lo[i], sa, sb, pf(x.data, n + 1, c, more),
+                                                g.M, hi[i], sa, sb, pf(x.data, n + 1, c, more),
                                                 pf(dy.data, n + 1, c, more));
                 a += sa;
                 b += sb;
@@ -885,8 +925,8 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
             const bool next = c + 1 < c1;
             for (Index n = 0; n < g.N; ++n)
               kernels::dx_map<Isa, T, false, kSt, kUX>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                       dx.data + g.at(n, c, 0), g.M, &hi[i], &lo[i],
-                                                       &k.a, &k.cx, &k.d, pf(x.data, n, c + 1, next),
+                                                       dx.data + g.at(n, c, 0), g.M, &hi[i], &k.a,
+                                                       &k.cx, &k.d, pf(x.data, n, c + 1, next),
                                                        pf(dy.data, n, c + 1, next));
           }
           if (kSt) Isa::fence();
@@ -898,7 +938,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
               device, g.N * g.M, C, 2.0 * bytes_of<T>(C),
               [&](Index r0, Index r1, double* sa, double* sb) {
                 kernels::column_grad_sums<Isa>(dy.data + r0 * C, x.data + r0 * C, r1 - r0, C, C,
-                                               hi.data(), lo.data(), sa, sb);
+                                               hi.data(), sa, sb);
               },
               a.data(), b.data());
           sdy.swap(a);
@@ -918,7 +958,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
           parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
             for (Index r = r0; r < r1; ++r)
               kernels::dx_map<Isa, T, true, kSt, kUX>(dy.data + r * C, x.data + r * C, dx.data + r * C,
-                                                      C, hi.data(), lo.data(), k[0], k[1], k[2]);
+                                                      C, hi.data(), k[0], k[1], k[2]);
             if (kSt) Isa::fence();
           });
         }
@@ -960,9 +1000,10 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
       sgx += gm * sdyx[static_cast<std::size_t>(n * C + c)];
     }
     sgx *= rstd;
+    const T lo = saved.mean_lo(s);
     for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c)
       put(c, backward_coef<T>(rstd, gamma ? static_cast<double>(gamma[c]) : 1.0, sg / count,
-                              sgx / count));
+                              sgx / count, lo));
   };
   with_bool(want_dx && stream_output<T>(x.size()), [&](auto St) {
     constexpr bool kSt = decltype(St)::value;
@@ -976,12 +1017,13 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
           for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
             const auto i = static_cast<std::size_t>(n * C + c);
             kernels::segment_grad_sums<Isa>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0), g.M,
-                                            hi, lo, sdy[i], sdyx[i]);
+                                            hi, sdy[i], sdyx[i]);
+            sdyx[i] -= static_cast<double>(lo) * sdy[i];  // sum dy ((x - hi) - lo)
           }
           if (!want_dx) continue;
           group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) {
             kernels::dx_map<Isa, T, false, kSt, true>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                      dx.data + g.at(n, c, 0), g.M, &hi, &lo, &k.a,
+                                                      dx.data + g.at(n, c, 0), g.M, &hi, &k.a,
                                                       &k.cx, &k.d);
           });
         }
@@ -991,27 +1033,37 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
       const Eigen::TensorOpCost cost(3.0 * bytes_of<T>(g.M * C), bytes_of<T>(g.M * C),
                                      8.0 * static_cast<double>(g.M * C));
       parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
-        Arrays<T> a(C, 5);  // hi, lo, A, Cx, D
+        Arrays<T> a(C, 4);  // hi, A, Cx, D
+        // Whole samples (dy and x: two arrays): blocks of columns as in forward were
+        // slower here (the strided reads of two arrays defeat the prefetchers), so the
+        // second pass reads the sample from L3.
+        const Index gpb = g.G;
         for (Index n = n0; n < n1; ++n) {
-          for (Index c = 0; c < C; ++c) {
-            const Index s = n * g.G + c / g.Cg;
-            a[0][c] = saved.mean(s);
-            a[1][c] = saved.mean_lo(s);
-          }
           const Index base = g.at(n, 0, 0);
-          kernels::column_grad_sums<Isa>(dy.data + base, x.data + base, g.M, C, C, a[0], a[1],
-                                         sdy.data() + n * C, sdyx.data() + n * C);
-          if (!want_dx) continue;
-          for (Index grp = 0; grp < g.G; ++grp)
-            group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) {
-              a[2][c] = k.a;
-              a[3][c] = k.cx;
-              a[4][c] = k.d;
-            });
-          for (Index r = 0; r < g.M; ++r)
-            kernels::dx_map<Isa, T, true, kSt, true>(dy.data + base + r * C, x.data + base + r * C,
-                                                     dx.data + base + r * C, C, a[0], a[1], a[2],
-                                                     a[3], a[4]);
+          double* sa = sdy.data() + n * C;
+          double* sb = sdyx.data() + n * C;
+          for (Index g0 = 0; g0 < g.G; g0 += gpb) {
+            const Index g1 = std::min(g.G, g0 + gpb);
+            const Index c0 = g0 * g.Cg, c1 = g1 * g.Cg;
+            for (Index c = c0; c < c1; ++c) a[0][c] = saved.mean(n * g.G + c / g.Cg);
+            kernels::column_grad_sums<Isa>(dy.data + base + c0, x.data + base + c0, g.M, C,
+                                           c1 - c0, a[0] + c0, sa + c0, sb + c0);
+            for (Index c = c0; c < c1; ++c)  // sum dy ((x - hi) - lo)
+              sb[c] -= static_cast<double>(saved.mean_lo(n * g.G + c / g.Cg)) * sa[c];
+            if (!want_dx) continue;
+            for (Index grp = g0; grp < g1; ++grp)
+              group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) {
+                a[1][c] = k.a;
+                a[2][c] = k.cx;
+                a[3][c] = k.d;
+              });
+            for (Index r = 0; r < g.M; ++r) {
+              const Index o = base + r * C + c0;
+              kernels::dx_map<Isa, T, true, kSt, true>(dy.data + o, x.data + o, dx.data + o,
+                                                       c1 - c0, a[0] + c0, a[1] + c0, a[2] + c0,
+                                                       a[3] + c0);
+            }
+          }
         }
         if (kSt) Isa::fence();
       });
