@@ -94,20 +94,22 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, con
   for (; i < n; ++i) scalar_at(i);
 }
 
-// dx = fma(dy, A, fma(xc, Cx, D)) with xc = x - hi (UseX), or dx = dy * A. dx may
-// be dy or x.
-template <class Isa, class T, bool Vec, bool Stream, bool UseX>
-inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* A,
-                   const T* Cx, const T* D, const Prefetch& pf = {},
+// dx = fma(dy, A, fma(xc * pre, Cx, D)) with xc = x - hi (UseX), or dx = dy * A.
+// Prescale: as in affine_map, a power of two that keeps Cx (~ rstd^2) within T's range
+// when rstd is far from 1. dx may be dy or x.
+template <class Isa, class T, bool Vec, bool Stream, bool UseX, bool Prescale = false>
+inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* pre,
+                   const T* A, const T* Cx, const T* D, const Prefetch& pf = {},
                    const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
   const Q qa(A);
-  const Q qh(UseX ? hi : A), qc(UseX ? Cx : A), qd(UseX ? D : A);
+  const Q qh(UseX ? hi : A), qc(UseX ? Cx : A), qd(UseX ? D : A), qp(Prescale ? pre : A);
   auto scalar_at = [&](Index i) {
     if (UseX) {
-      const T xc = x[i] - qh.scalar(i);
+      T xc = x[i] - qh.scalar(i);
+      if (Prescale) xc *= qp.scalar(i);
       dx[i] = fmadd_s(dy[i], qa.scalar(i), fmadd_s(xc, qc.scalar(i), qd.scalar(i)));
     } else {
       dx[i] = dy[i] * qa.scalar(i);
@@ -121,7 +123,8 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
     pf2.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     typename P::V v;
     if (UseX) {
-      const typename P::V xc = P::sub(P::load(x + i), qh.at(i));
+      typename P::V xc = P::sub(P::load(x + i), qh.at(i));
+      if (Prescale) xc = P::mul(xc, qp.at(i));
       v = P::fmadd(P::load(dy + i), qa.at(i), P::fmadd(xc, qc.at(i), qd.at(i)));
     } else {
       v = P::mul(P::load(dy + i), qa.at(i));

@@ -477,6 +477,16 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
 // ---------------------------------------------------------------------------------
 // Element-wise coefficients.
 
+// Per-channel coefficient arrays of the channels-last passes (one sample's, or the
+// batch's), and whether any needs the prescaled kernel.
+template <class T>
+struct Arrays {
+  std::vector<T> buf;
+  Index C = 0;
+  explicit Arrays(Index c, int k) : buf(static_cast<std::size_t>(c * k)), C(c) {}
+  T* operator[](int k) { return buf.data() + k * C; }
+};
+
 // Forward: y = fma((x - hi) * pre, a, b) with b = beta - lo * rstd * gamma.
 template <class T>
 struct FwdCoef {
@@ -536,14 +546,66 @@ void save_stat(RowStats<T>& saved, Index s, const RowStat& st) {
 template <class T>
 struct BwdCoef {
   T a, cx, d;
+  T pre = T(1);       // dx = dy a + ((x - hi) pre) cx + d
+  bool wide = false;  // pre != 1
 };
 
-// With xc = x - hi instead of (x - hi) - lo, d becomes d - lo * cx.
+// With xc = x - hi instead of (x - hi) - lo, d becomes d - lo * cx. cx ~ rstd^2 leaves T's
+// range long before rstd does (|x| ~ 1e-25 with eps = 0: rstd ~ 1e25, rstd^2 ~ 1e50; |x| ~
+// 1e20: rstd^2 ~ 1e-40, subnormal in float): then xc is first multiplied by pre, the
+// power of two nearest below rstd (exact), and cx divided by it.
 template <class T>
 BwdCoef<T> backward_coef(double rstd, double gamma, double mg, double mgx, T lo) {
-  const double cx = -rstd * rstd * mgx;
-  return {static_cast<T>(rstd * gamma), static_cast<T>(cx),
-          static_cast<T>(-rstd * mg - static_cast<double>(lo) * cx)};
+  constexpr double kLim = sizeof(T) <= sizeof(float) ? 0x1p32 : 0x1p200;
+  BwdCoef<T> k;
+  double pre = 1.0;
+  if ((rstd > kLim || rstd < 1.0 / kLim) && rstd > 0.0 && std::isfinite(rstd)) {
+    pre = std::ldexp(1.0, std::ilogb(rstd));
+    k.wide = true;
+  }
+  const double cx = -(rstd / pre) * rstd * mgx;  // (-rstd^2 mgx) / pre
+  k.a = static_cast<T>(rstd * gamma);
+  k.cx = static_cast<T>(cx);
+  k.d = static_cast<T>(-rstd * mg - static_cast<double>(lo) * pre * cx);
+  k.pre = static_cast<T>(pre);
+  return k;
+}
+
+// The dx pass over one segment (channels first), or over rows [r0, r1) of channels
+// [c0, c1) with per-channel arrays a[0..4] = hi, pre, A, Cx, D (channels last).
+template <class Isa, class T, bool Stream, bool UseX>
+void dx_segment(const T* dy, const T* x, T* dx, Index n, const T& hi, const BwdCoef<T>& k,
+                const kernels::Prefetch& pf = {}, const kernels::Prefetch& pf2 = {}) {
+  if (UseX && k.wide)
+    kernels::dx_map<Isa, T, false, Stream, true, true>(dy, x, dx, n, &hi, &k.pre, &k.a, &k.cx,
+                                                        &k.d, pf, pf2);
+  else
+    kernels::dx_map<Isa, T, false, Stream, UseX, false>(dy, x, dx, n, &hi, &k.pre, &k.a, &k.cx,
+                                                         &k.d, pf, pf2);
+}
+
+template <class T>
+bool fill_backward(Arrays<T>& a, Index c, const BwdCoef<T>& k) {
+  a[1][c] = k.pre;
+  a[2][c] = k.a;
+  a[3][c] = k.cx;
+  a[4][c] = k.d;
+  return k.wide;
+}
+
+template <class Isa, class T, bool Stream, bool UseX>
+void dx_rows(const T* dy, const T* x, T* dx, Index r0, Index r1, Index ld, Index c0, Index c1,
+             Arrays<T>& a, bool wide) {
+  for (Index r = r0; r < r1; ++r) {
+    const Index o = r * ld + c0;
+    if (UseX && wide)
+      kernels::dx_map<Isa, T, true, Stream, true, true>(dy + o, x + o, dx + o, c1 - c0, a[0] + c0,
+                                                         a[1] + c0, a[2] + c0, a[3] + c0, a[4] + c0);
+    else
+      kernels::dx_map<Isa, T, true, Stream, UseX, false>(dy + o, x + o, dx + o, c1 - c0, a[0] + c0,
+                                                          a[1] + c0, a[2] + c0, a[3] + c0,
+                                                          a[4] + c0);
+  }
 }
 
 template <class T>
@@ -590,15 +652,6 @@ void update_running(const Spec& spec, const Running<T>& run, const Geo& g,
 // ---------------------------------------------------------------------------------
 // Element-wise passes.
 
-// Per-channel coefficient arrays of the channels-last passes (one sample's, or the
-// batch's), and whether any needs the prescaled kernel.
-template <class T>
-struct Arrays {
-  std::vector<T> buf;
-  Index C = 0;
-  explicit Arrays(Index c, int k) : buf(static_cast<std::size_t>(c * k)), C(c) {}
-  T* operator[](int k) { return buf.data() + k * C; }
-};
 
 template <class Isa, class T, bool Stream>
 void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
@@ -924,10 +977,9 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
             if (!want_dx) continue;
             const bool next = c + 1 < c1;
             for (Index n = 0; n < g.N; ++n)
-              kernels::dx_map<Isa, T, false, kSt, kUX>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                       dx.data + g.at(n, c, 0), g.M, &hi[i], &k.a,
-                                                       &k.cx, &k.d, pf(x.data, n, c + 1, next),
-                                                       pf(dy.data, n, c + 1, next));
+              dx_segment<Isa, T, kSt, kUX>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
+                                           dx.data + g.at(n, c, 0), g.M, hi[i], k,
+                                           pf(x.data, n, c + 1, next), pf(dy.data, n, c + 1, next));
           }
           if (kSt) Isa::fence();
         });
@@ -944,21 +996,19 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
           sdy.swap(a);
           sdyxh.swap(b);
         }
-        Arrays<T> k(C, 3);
+        Arrays<T> k(C, 5);
+        bool wide = false;
         for (Index c = 0; c < C; ++c) {
           const auto i = static_cast<std::size_t>(c);
           BwdCoef<T> kc;
           finish_channel(c, sdy[i], sdyxh[i], kc);
-          k[0][c] = kc.a;
-          k[1][c] = kc.cx;
-          k[2][c] = kc.d;
+          k[0][c] = hi[i];
+          wide |= fill_backward(k, c, kc);
         }
         if (want_dx) {
           const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(C), bytes_of<T>(C), 4.0 * static_cast<double>(C));
           parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-            for (Index r = r0; r < r1; ++r)
-              kernels::dx_map<Isa, T, true, kSt, kUX>(dy.data + r * C, x.data + r * C, dx.data + r * C,
-                                                      C, hi.data(), k[0], k[1], k[2]);
+            dx_rows<Isa, T, kSt, kUX>(dy.data, x.data, dx.data, r0, r1, C, 0, C, k, wide);
             if (kSt) Isa::fence();
           });
         }
@@ -1022,9 +1072,8 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
           }
           if (!want_dx) continue;
           group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) {
-            kernels::dx_map<Isa, T, false, kSt, true>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
-                                                      dx.data + g.at(n, c, 0), g.M, &hi, &k.a,
-                                                      &k.cx, &k.d);
+            dx_segment<Isa, T, kSt, true>(dy.data + g.at(n, c, 0), x.data + g.at(n, c, 0),
+                                          dx.data + g.at(n, c, 0), g.M, hi, k);
           });
         }
         if (kSt) Isa::fence();
@@ -1033,7 +1082,7 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
       const Eigen::TensorOpCost cost(3.0 * bytes_of<T>(g.M * C), bytes_of<T>(g.M * C),
                                      8.0 * static_cast<double>(g.M * C));
       parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
-        Arrays<T> a(C, 4);  // hi, A, Cx, D
+        Arrays<T> a(C, 5);  // hi, pre, A, Cx, D
         // Whole samples (dy and x: two arrays): blocks of columns as in forward were
         // slower here (the strided reads of two arrays defeat the prefetchers), so the
         // second pass reads the sample from L3.
@@ -1051,18 +1100,11 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
             for (Index c = c0; c < c1; ++c)  // sum dy ((x - hi) - lo)
               sb[c] -= static_cast<double>(saved.mean_lo(n * g.G + c / g.Cg)) * sa[c];
             if (!want_dx) continue;
+            bool wide = false;
             for (Index grp = g0; grp < g1; ++grp)
-              group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) {
-                a[1][c] = k.a;
-                a[2][c] = k.cx;
-                a[3][c] = k.d;
-              });
-            for (Index r = 0; r < g.M; ++r) {
-              const Index o = base + r * C + c0;
-              kernels::dx_map<Isa, T, true, kSt, true>(dy.data + o, x.data + o, dx.data + o,
-                                                       c1 - c0, a[0] + c0, a[1] + c0, a[2] + c0,
-                                                       a[3] + c0);
-            }
+              group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) { wide |= fill_backward(a, c, k); });
+            dx_rows<Isa, T, kSt, true>(dy.data + base, x.data + base, dx.data + base, 0, g.M, C, c0,
+                                       c1, a, wide);
           }
         }
         if (kSt) Isa::fence();
