@@ -1,4 +1,5 @@
-// normkit benchmarks: what bench/layer_norm.cpp and bench/rms_norm.cpp share.
+// normkit benchmarks: what bench/layer_norm.cpp, bench/rms_norm.cpp and
+// bench/channel_norm.cpp share.
 //
 //  - the shapes, the 64-byte-aligned buffers and a per-shape workspace of them;
 //  - the 2-thread Eigen::ThreadPool / ThreadPoolDevice;
@@ -6,12 +7,15 @@
 //    dst = a + b with ordinary or non-temporal stores (backward bytes);
 //  - registration of benchmarks with metadata, a reporter that records every result
 //    (median of the repetitions) while the default display reporter prints as usual,
-//    and a main() that adds the --quick mode and prints the ratio-to-roofline table.
+//    and a main() that adds the --quick mode and prints the ratio-to-roofline table
+//    (a bench may supply its own targets and print further tables after it).
 //
 // Byte counts (the bytes_per_second counter, and the roofline moving the same bytes):
 //   forward:  read x, write y            2 * rows * features * sizeof(float)
 //   backward: read x and dy, write dx    3 * rows * features * sizeof(float)
 // dgamma/dbeta and the per-row statistics are not counted (they are O(features + rows)).
+// The channel norms use the same counts with rows * features = every element of x and
+// features = C (the size of gamma and beta), and label the shape with its full extents.
 #pragma once
 
 #ifndef EIGEN_USE_THREADS
@@ -58,17 +62,28 @@ using Index = Eigen::Index;
 // ---------------------------------------------------------------------------------
 // Shapes.
 
+// rows x features floats; features is also the size of the parameter buffers (gamma,
+// beta, dgamma, dbeta). label, if set, names the shape instead of "rowsxfeatures" (in
+// benchmark names and tables), e.g. "32x64x56x56" for an (N, C, H, W) input.
 struct Shape {
   Index rows;
   Index features;
+  std::string label = {};
   Index size() const { return rows * features; }
-  std::string str() const { return std::to_string(rows) + "x" + std::to_string(features); }
-  bool operator<(const Shape& o) const {
-    return rows != o.rows ? rows < o.rows : features < o.features;
+  std::string str() const {
+    return label.empty() ? std::to_string(rows) + "x" + std::to_string(features) : label;
   }
-  bool operator==(const Shape& o) const { return rows == o.rows && features == o.features; }
+  bool operator<(const Shape& o) const {
+    if (rows != o.rows) return rows < o.rows;
+    if (features != o.features) return features < o.features;
+    return label < o.label;
+  }
+  bool operator==(const Shape& o) const {
+    return rows == o.rows && features == o.features && label == o.label;
+  }
 };
 
+// The row norms' shapes (LayerNorm, RMSNorm).
 inline const std::vector<Shape>& shapes() {
   static const std::vector<Shape> s{{64, 4096}, {4096, 4096}, {16384, 768}, {2048, 8192}};
   return s;
@@ -153,8 +168,8 @@ struct Workspace {
   Buffer x, y, dy, dx, gamma, beta, dgamma, dbeta;
 };
 
-// One workspace per shape, created on first use and kept (all four shapes together
-// hold about 1 GB).
+// One workspace per shape, created on first use and kept (the four row-norm shapes
+// together hold about 1 GB).
 inline Workspace& workspace(const Shape& s) {
   static std::map<Shape, std::unique_ptr<Workspace>> cache;
   std::unique_ptr<Workspace>& w = cache[s];
@@ -310,7 +325,8 @@ inline void add_stream(const float* a, const float* bsrc, float* dst, Index n, i
 enum class Kind { Kernel, Baseline, Roofline };
 
 struct Meta {
-  std::string op;  // "layer_norm", "rms_norm", "eigen_naive_layer_norm", or the roofline variant
+  std::string op;  // "layer_norm", "rms_norm", "eigen_naive_layer_norm", "batch_norm_cf", ...,
+                   // or the roofline variant
   Kind kind;
   Dir dir;
   Shape shape;
@@ -427,6 +443,12 @@ class Collector : public benchmark::BenchmarkReporter {
 
   const std::map<std::string, Result>& results() const { return results_; }
 
+  // The median bytes/s of the benchmark of that name, or -1 if it did not run.
+  double value(const std::string& name) const {
+    const auto it = results_.find(name);
+    return it == results_.end() ? -1.0 : it->second.value();
+  }
+
  private:
   benchmark::BenchmarkReporter* display_;
   std::map<std::string, Result> results_;
@@ -445,13 +467,19 @@ inline double target_of(const Meta& m) {
   return dram ? 0.85 : 0.60;
 }
 
-inline void print_summary(std::FILE* out, const Collector& c) {
+// What a bench may change in the summary.
+struct SummaryOptions {
+  // A kernel's target ratio to the roofline, <= 0 for none. Default: target_of.
+  std::function<double(const Meta&)> target;
+  // Printed after the table (further comparisons between the results), if set.
+  std::function<void(std::FILE*, const Collector&)> extra;
+};
+
+inline void print_summary(std::FILE* out, const Collector& c, const SummaryOptions& opt = {}) {
   const Registry& reg = registry();
   const auto& res = c.results();
-  auto value_of = [&](const std::string& name) {
-    const auto it = res.find(name);
-    return it == res.end() ? -1.0 : it->second.value();
-  };
+  auto value_of = [&](const std::string& name) { return c.value(name); };
+  const std::function<double(const Meta&)> target = opt.target ? opt.target : target_of;
 
   std::int64_t reps = 0;
   for (const auto& r : res) reps = std::max(reps, r.second.repetitions);
@@ -469,15 +497,18 @@ inline void print_summary(std::FILE* out, const Collector& c) {
   auto key_of = [](const Meta& m) {
     return std::string(dir_str(m.dir)) + "/" + m.shape.str() + "/" + std::to_string(m.threads);
   };
+  std::vector<Shape> roof_shapes;  // in registration order
   for (const std::string& name : reg.order) {
     const Meta& m = reg.meta.at(name);
     if (m.kind != Kind::Roofline) continue;
+    if (std::find(roof_shapes.begin(), roof_shapes.end(), m.shape) == roof_shapes.end())
+      roof_shapes.push_back(m.shape);
     const double v = value_of(name);
     auto& b = best[key_of(m)];
     if (v > b.first) b = {v, m.op};
   }
   for (Dir d : {Dir::Fwd, Dir::Bwd}) {
-    for (const Shape& s : shapes()) {
+    for (const Shape& s : roof_shapes) {
       for (int t : thread_counts()) {
         const std::string k = std::string(dir_str(d)) + "/" + s.str() + "/" + std::to_string(t);
         if (best.find(k) == best.end() || best[k].first <= 0.0) continue;  // not run
@@ -517,12 +548,13 @@ inline void print_summary(std::FILE* out, const Collector& c) {
       std::fprintf(out, " %7.3f", v / roof);
     else
       std::fprintf(out, " %7s", "n/a");
-    const double tgt = target_of(m);
+    const double tgt = target(m);
     if (tgt > 0 && v > 0 && roof > 0)
       std::fprintf(out, " %7.2f %s\n", tgt, v / roof >= tgt ? "ok" : "MISS");
     else
       std::fprintf(out, " %7s\n", "-");
   }
+  if (opt.extra) opt.extra(out, c);
   std::fflush(out);
 }
 
@@ -538,7 +570,8 @@ inline void print_summary(std::FILE* out, const Collector& c) {
 // (which drifts by +-15% over minutes here) and their ratio is steadier. Flags given on
 // the command line come later and win.
 
-inline int run_main(int argc, char** argv, const std::function<void()>& register_all) {
+inline int run_main(int argc, char** argv, const std::function<void()>& register_all,
+                    const SummaryOptions& summary = {}) {
   bool quick = false;
   if (const char* e = std::getenv("NORMKIT_BENCH_QUICK")) quick = e[0] != '\0' && e[0] != '0';
   bool console = true;
@@ -577,7 +610,7 @@ inline int run_main(int argc, char** argv, const std::function<void()>& register
   benchmark::RunSpecifiedBenchmarks(&collector);
   // The summary goes to stdout with the console format, to stderr otherwise (so that
   // JSON or CSV on stdout stays parseable).
-  print_summary(console ? stdout : stderr, collector);
+  print_summary(console ? stdout : stderr, collector, summary);
   benchmark::Shutdown();
   return 0;
 }
