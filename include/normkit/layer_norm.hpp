@@ -71,6 +71,35 @@ class LayerNorm {
                                    detail::out<T>(dbeta), device);
   }
 
+  // Fused residual (pre-norm blocks, DeepNorm): s = alpha * x + r, then y = LayerNorm(s),
+  // in one pass over memory; writes s (the new residual stream) and y, and saves the
+  // statistics of s. s may be r itself (updating the stream in place) or x; y may be x or
+  // r, not s. alpha = 1 for a plain pre-norm block, alpha > 1 for DeepNorm. Post-norm
+  // (y = LN(x + sublayer(x))) is the same call with only y used.
+  template <class X, class R, class S, class Y, class Device = Eigen::DefaultDevice>
+  void forward_residual(const X& x, const R& r, const Affine<T>& params, S&& s, Y&& y,
+                        RowStats<T>& saved, double alpha = 1.0,
+                        const Device& device = Device()) const {
+    const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
+    detail::forward<Isa, T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
+                                  device, &res);
+  }
+
+  // Its backward: ds = dL/ds from downstream (normkit::skip when s is not used, as in a
+  // post-norm block) and dy = dL/dy; s and saved from forward_residual. With t = ds +
+  // (LayerNorm's dL/ds): dx = alpha * t, dr = t; dgamma, dbeta as in backward. Each output
+  // may be normkit::skip; dr may be ds itself, dx may be dy itself.
+  template <class DS, class DY, class S, class DX, class DR, class DG, class DB,
+            class Device = Eigen::DefaultDevice>
+  void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
+                         const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
+                         double alpha = 1.0, const Device& device = Device()) const {
+    detail::backward_residual<Isa, T, true>(spec(), detail::in<T>(ds), detail::in<T>(dy),
+                                            detail::in<T>(s), params, saved, alpha,
+                                            detail::out<T>(dx), detail::out<T>(dr),
+                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+  }
+
  private:
   detail::RowNormSpec spec() const {
     return {"LayerNorm",

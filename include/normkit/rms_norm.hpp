@@ -73,6 +73,29 @@ class RMSNorm {
                                     detail::View<T>{}, device);
   }
 
+  // Fused residual: s = alpha * x + r, y = RMSNorm(s) (the add + RMSNorm of LLaMA-style
+  // blocks, in one pass over memory). As LayerNorm::forward_residual.
+  template <class X, class R, class S, class Y, class Device = Eigen::DefaultDevice>
+  void forward_residual(const X& x, const R& r, const Affine<T>& params, S&& s, Y&& y,
+                        RowStats<T>& saved, double alpha = 1.0,
+                        const Device& device = Device()) const {
+    const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
+    detail::forward<Isa, T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
+                                   device, &res);
+  }
+
+  // As LayerNorm::backward_residual, without dbeta.
+  template <class DS, class DY, class S, class DX, class DR, class DG,
+            class Device = Eigen::DefaultDevice>
+  void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
+                         const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma,
+                         double alpha = 1.0, const Device& device = Device()) const {
+    detail::backward_residual<Isa, T, false>(spec(), detail::in<T>(ds), detail::in<T>(dy),
+                                             detail::in<T>(s), params, saved, alpha,
+                                             detail::out<T>(dx), detail::out<T>(dr),
+                                             detail::out<T>(dgamma), detail::View<T>{}, device);
+  }
+
  private:
   detail::RowNormSpec spec() const {
     return {"RMSNorm",

@@ -460,6 +460,59 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
   for (; i < n; ++i) scalar_at(i);
 }
 
+// Fused residual, forward: s = alpha * x + r, one rounding (an fma). s may be x or r.
+template <class Isa, class T>
+inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {
+  using P = typename Isa::template Pack<T>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const typename P::V va = P::set1(alpha);
+  Index i = 0;
+  for (; i + W <= n; i += W) P::store(s + i, P::fmadd(va, P::load(x + i), P::load(r + i)));
+  for (; i < n; ++i) s[i] = fmadd_s(alpha, x[i], r[i]);
+}
+
+// dst = src, with streaming stores (after a scalar head that aligns dst) when Stream.
+template <class Isa, class T, bool Stream>
+inline void copy_row(const T* src, T* dst, Index n) {
+  using P = typename Isa::template Pack<T>;
+  constexpr Index W = static_cast<Index>(P::W);
+  Index i = 0;
+  if (Stream) {
+    constexpr std::uintptr_t align = sizeof(typename P::V);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(dst + i) % align != 0; ++i) dst[i] = src[i];
+  }
+  for (; i + W <= n; i += W) {
+    if (Stream)
+      P::stream(dst + i, P::load(src + i));
+    else
+      P::store(dst + i, P::load(src + i));
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Fused residual, backward: with t = g + ds (the gradient reaching s: through the norm,
+// g, and from downstream, ds; HasDs false: ds = 0), dr = t and dx = alpha * t. Per
+// element, g and ds are read before dr and dx are written: dr may be ds, dx may be g.
+template <class Isa, class T, bool HasDs, bool WantDx, bool WantDr>
+inline void residual_grad(const T* g, const T* ds, T* dx, T* dr, Index n, T alpha) {
+  using P = typename Isa::template Pack<T>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const typename P::V va = P::set1(alpha);
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    typename P::V t = P::load(g + i);
+    if (HasDs) t = P::add(t, P::load(ds + i));
+    if (WantDr) P::store(dr + i, t);
+    if (WantDx) P::store(dx + i, P::mul(va, t));
+  }
+  for (; i < n; ++i) {
+    T t = g[i];
+    if (HasDs) t += ds[i];
+    if (WantDr) dr[i] = t;
+    if (WantDx) dx[i] = alpha * t;
+  }
+}
+
 }  // namespace kernels
 }  // namespace detail
 }  // namespace normkit

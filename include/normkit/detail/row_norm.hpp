@@ -247,10 +247,20 @@ void check_saved(const std::string& where, const RowStats<T>& s, Index rows) {
 // ---------------------------------------------------------------------------------
 // Forward.
 
+// The fused residual of a pre-norm block (and DeepNorm): the op normalizes
+// s = alpha * x + r and also returns s, the new residual stream.
+template <class T>
+struct Residual {
+  View<const T> r;
+  View<T> s;
+  double alpha = 1.0;
+};
+
 template <class Isa, class T, bool Center, class Device>
 void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
-             const View<T>& y, RowStats<T>& saved, const Device& device) {
-  const std::string where = std::string(spec.op) + "::forward";
+             const View<T>& y, RowStats<T>& saved, const Device& device,
+             const Residual<T>* res = nullptr) {
+  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
   check_x(spec, where, "x", x);
   if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
   require_data(where, "y", y);
@@ -258,6 +268,21 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
   if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
   if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
     fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
+  if (res) {
+    // s may be x or r itself (in place); y may be x or r, but not s (both are returned).
+    if (!same_dims(res->r, x)) fail(where, "r", "dims " + x.str() + " (those of x)", res->r.str());
+    require_data(where, "r", res->r);
+    if (!same_dims(res->s, x)) fail(where, "s", "dims " + x.str() + " (those of x)", res->s.str());
+    require_data(where, "s", res->s);
+    if (!std::isfinite(res->alpha))
+      fail(where, "alpha", "a finite value", std::to_string(res->alpha));
+    if (partial_overlap(y, res->r)) fail(where, "y", "r itself or memory disjoint from r", "a partial overlap");
+    if (partial_overlap(res->s, x) || partial_overlap(res->s, res->r))
+      fail(where, "s", "x itself, r itself, or memory disjoint from both", "a partial overlap");
+    if (any_overlap(res->s, y)) fail(where, "s", "memory disjoint from y", "an overlap");
+    if (any_overlap(res->s, p.gamma) || any_overlap(res->s, p.beta))
+      fail(where, "s", "memory disjoint from gamma and beta", "an overlap");
+  }
 
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
@@ -280,6 +305,7 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
 
   const T* gamma = p.gamma.data;
   const T* beta = p.beta.data;
+  const T alpha = res ? static_cast<T>(res->alpha) : T(1);
   T* mean_hi = Center ? saved.mean.data() : nullptr;
   T* mean_lo = Center ? saved.mean_lo.data() : nullptr;
   T* rstd = saved.rstd.data();
@@ -299,8 +325,11 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
           return;
         } else {
           parallel_for(device, rows, cost, [&](Index r0, Index r1) {
-            for (Index r = r0; r < r1; ++r) {
-              const T* xr = x.data + r * n;
+            // Fused residual with streaming outputs: s is built in a row of scratch (L1)
+            // and streamed out after y, so that the normalize pass reads it from cache.
+            std::vector<T> scratch(res && kSt ? static_cast<std::size_t>(n) : 0);
+            // One row: statistics of xr (x, or s), then y. Returns early on special rows.
+            auto norm_row = [&](Index r, const T* xr) {
               T* yr = y.data + r * n;
               const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
                                     : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
@@ -318,14 +347,25 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
                 // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
                 kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
                                                             beta);
-                continue;
+                return;
               }
               if (std::isinf(rt)) {
                 normalize_wide(spec, xr, yr, n, st, gamma, beta);
-                continue;
+                return;
               }
               const kernels::RowAffine<T> ra{hi, lo, rt};
               kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
+            };
+            for (Index r = r0; r < r1; ++r) {
+              if (!res) {
+                norm_row(r, x.data + r * n);
+                continue;
+              }
+              T* sr = res->s.data + r * n;
+              T* s_at = kSt ? scratch.data() : sr;
+              kernels::residual_add<Isa>(x.data + r * n, res->r.data + r * n, s_at, n, alpha);
+              norm_row(r, s_at);
+              if (kSt) kernels::copy_row<Isa, T, true>(s_at, sr, n);
             }
             if (kSt) Isa::fence();
           });
@@ -506,6 +546,62 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
       if (dbeta.present)
         for (Index j = 0; j < len; ++j) dbeta.data[j0 + j] = static_cast<T>(sb[j]);
     }
+  });
+}
+
+// Fused residual, backward: s = alpha x + r fed y = norm(s) and the residual stream, so
+// the gradient reaching s is t = g + ds, g = norm's backward at s (dy), ds = dL/ds from
+// downstream (normkit::skip: 0, as in a post-norm block where only y is used). Then
+// dx = alpha t and dr = t. Two passes: the norm's backward writes g into dx (or dr, or a
+// temporary when dr is ds itself and dx is skipped), then residual_grad combines.
+template <class Isa, class T, bool Center, class Device>
+void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const View<const T>& dy,
+                       const View<const T>& s, const Affine<T>& p, const RowStats<T>& saved,
+                       double alpha, const View<T>& dx, const View<T>& dr, const View<T>& dgamma,
+                       const View<T>& dbeta, const Device& device) {
+  const std::string where = std::string(spec.op) + "::backward_residual";
+  check_x(spec, where, "s", s);
+  if (ds.present && !same_dims(ds, s)) fail(where, "ds", "dims " + s.str() + " (those of s)", ds.str());
+  require_data(where, "ds", ds);
+  if (dr.present && !same_dims(dr, s)) fail(where, "dr", "dims " + s.str() + " (those of s)", dr.str());
+  require_data(where, "dr", dr);
+  if (dx.present && !same_dims(dx, s)) fail(where, "dx", "dims " + s.str() + " (those of s)", dx.str());
+  if (!std::isfinite(alpha)) fail(where, "alpha", "a finite value", std::to_string(alpha));
+  if (any_overlap(dx, ds)) fail(where, "dx", "memory disjoint from ds", "an overlap");
+  if (partial_overlap(dr, ds)) fail(where, "dr", "ds itself or memory disjoint from ds", "a partial overlap");
+  if (any_overlap(dx, dr)) fail(where, "dr", "memory disjoint from dx", "an overlap");
+  if (any_overlap(dr, dy) || any_overlap(dr, s) || any_overlap(dr, p.gamma) ||
+      any_overlap(dr, p.beta) || any_overlap(dr, dgamma) || any_overlap(dr, dbeta))
+    fail(where, "dr", "memory disjoint from dy, s, the parameters and their gradients", "an overlap");
+  if (any_overlap(ds, dgamma) || any_overlap(ds, dbeta))
+    fail(where, "ds", "memory disjoint from dgamma and dbeta", "an overlap");
+  // The norm's backward checks dy, s, params, saved, dx, dgamma and dbeta (before any
+  // write, since the target is dx or dr or a temporary).
+  const bool want = dx.present || dr.present;
+  std::vector<T> tmp;
+  View<T> target = dx.present ? dx : dr;
+  if (!dx.present && dr.present && ds.present && any_overlap(dr, ds)) {
+    tmp.resize(static_cast<std::size_t>(s.size()));
+    target.data = tmp.data();
+  }
+  backward<Isa, T, Center>(spec, dy, s, p, saved, want ? target : View<T>{}, dgamma, dbeta, device);
+  if (!want || s.size() == 0) return;
+  const Index n = s.inner(spec.k), rows = s.outer(spec.k);
+  const T a = static_cast<T>(alpha);
+  const Eigen::TensorOpCost cost(2.0 * static_cast<double>(n) * sizeof(T),
+                                 2.0 * static_cast<double>(n) * sizeof(T), 2.0 * static_cast<double>(n));
+  with_bool(ds.present, [&](auto Ds) {
+    with_bool(dx.present, [&](auto Dx) {
+      with_bool(dr.present, [&](auto Dr) {
+        constexpr bool kDs = decltype(Ds)::value, kDx = decltype(Dx)::value, kDr = decltype(Dr)::value;
+        parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+          for (Index r = r0; r < r1; ++r)
+            kernels::residual_grad<Isa, T, kDs, kDx, kDr>(
+                target.data + r * n, kDs ? ds.data + r * n : nullptr,
+                kDx ? dx.data + r * n : nullptr, kDr ? dr.data + r * n : nullptr, n, a);
+        });
+      });
+    });
   });
 }
 
