@@ -10,3 +10,4 @@
 #include "batch_norm.hpp"
 #include "group_norm.hpp"
 #include "instance_norm.hpp"
+#include "adaptive_layer_norm.hpp"

@@ -460,6 +460,130 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
   for (; i < n; ++i) scalar_at(i);
 }
 
+// AdaNorm (Xu et al. 2019), forward: z = xhat, y = C (1 - k z) z, as phi(z) * z with
+// phi = fma(-C k, z, C) (C k rounded once).
+template <class Isa, class T, bool Stream>
+inline void adanorm(const T* x, T* y, Index n, const RowAffine<T>& r, T C, T k) {
+  using P = typename Isa::template Pack<T>;
+  using X = Xhat<Isa, T, true>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const T ck = C * k;
+  auto scalar_at = [&](Index i) {
+    const T z = X::scalar(r, x[i]);
+    y[i] = fmadd_s(-ck, z, C) * z;
+  };
+  Index i = 0;
+  if (Stream) {
+    constexpr std::uintptr_t align = sizeof(typename P::V);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0; ++i) scalar_at(i);
+  }
+  const X xhat(r);
+  const typename P::V vnck = P::set1(-ck), vc = P::set1(C);
+  for (; i + W <= n; i += W) {
+    const typename P::V z = xhat(P::load(x + i));
+    const typename P::V v = P::mul(P::fmadd(vnck, z, vc), z);
+    if (Stream)
+      P::stream(y + i, v);
+    else
+      P::store(y + i, v);
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
+// AdaNorm, backward of one row. The gradient of y = phi(z) z reaching z is dy * phi(z)
+// with phi = C (1 - k z) treated as a constant (the paper's detached gradient), or
+// dy * C (1 - 2 k z) (Full: the exact derivative of C (z - k z^2)). With that g, as for
+// LayerNorm without affine: dx = rstd (g - mean(g) - z mean(g z)). Two passes: the sums
+// (from memory), then dx (from cache). dx may be dy or x.
+template <class Isa, class T, bool Full>
+inline void adanorm_backward(const T* dy, const T* x, T* dx, Index n, const RowAffine<T>& r, T C,
+                             T k) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using X = Xhat<Isa, T, true>;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  const T ck = Full ? T(2) * C * k : C * k;
+  const X xhat(r);
+  const V vnck = P::set1(-ck), vc = P::set1(C);
+  auto g_of = [&](V d, V z) { return P::mul(d, P::fmadd(vnck, z, vc)); };
+  auto g_s = [&](T d, T z) { return d * fmadd_s(-ck, z, C); };
+  typename A::V a1[K], a2[K];
+  for (int q = 0; q < K; ++q) a1[q] = a2[q] = A::zero();
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    const V z = xhat(P::load(x + i));
+    const V g = g_of(P::load(dy + i), z);
+    int q = 0;
+    P::widen(g, [&](typename A::V v) { a1[q] = A::add(a1[q], v); ++q; });
+    q = 0;
+    P::widen(P::mul(g, z), [&](typename A::V v) { a2[q] = A::add(a2[q], v); ++q; });
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (; i < n; ++i) {
+    const T z = X::scalar(r, x[i]);
+    const T g = g_s(dy[i], z);
+    t1 += static_cast<double>(g);
+    t2 += static_cast<double>(g * z);
+  }
+  for (int q = 1; q < K; ++q) {
+    a1[0] = A::add(a1[0], a1[q]);
+    a2[0] = A::add(a2[0], a2[q]);
+  }
+  const double dn = static_cast<double>(n);
+  const T mg = static_cast<T>((A::reduce(a1[0]) + t1) / dn);
+  const T mgz = static_cast<T>((A::reduce(a2[0]) + t2) / dn);
+  // dx = rstd (g - mg - z mgz)
+  const V vmg = P::set1(mg), vnmgz = P::set1(-mgz), vr = P::set1(r.rstd);
+  for (i = 0; i + W <= n; i += W) {
+    const V z = xhat(P::load(x + i));
+    const V g = g_of(P::load(dy + i), z);
+    P::store(dx + i, P::mul(vr, P::fmadd(z, vnmgz, P::sub(g, vmg))));
+  }
+  for (; i < n; ++i) {
+    const T z = X::scalar(r, x[i]);
+    dx[i] = r.rstd * fmadd_s(z, -mgz, g_s(dy[i], z) - mg);
+  }
+}
+
+// Element-wise adaptive LayerNorm, backward of one row: y = xhat * w + b with w, b of
+// the row's own (ada_w, ada_b). g = dy * w; with a = mean(g), c = mean(g xhat):
+//   dx = rstd (g - a - xhat c),  dw = dy * xhat,  db = dy.
+// dx may be dy or x (each element is read before it is written).
+template <class Isa, class T, bool WantDx, bool WantDw, bool WantDb>
+inline void elementwise_backward(const T* dy, const T* x, const T* w, Index n,
+                                 const RowAffine<T>& r, T* dx, T* dw, T* db) {
+  using P = typename Isa::template Pack<T>;
+  using X = Xhat<Isa, T, true>;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  T a = T(0), c = T(0);
+  if (WantDx) {
+    double sum_g = 0.0, sum_gx = 0.0;
+    backward_sums<Isa, T, true, ScaleKind::Gamma>(dy, x, w, n, r, sum_g, sum_gx);
+    a = static_cast<T>(sum_g / static_cast<double>(n));
+    c = static_cast<T>(sum_gx / static_cast<double>(n));
+  }
+  const X xhat(r);
+  const V va = P::set1(a), vnc = P::set1(-c), vr = P::set1(r.rstd);
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    const V d = P::load(dy + i);
+    const V xh = xhat(P::load(x + i));
+    if (WantDx) P::store(dx + i, P::mul(vr, P::fmadd(xh, vnc, P::fmadd(d, P::load(w + i), P::sub(P::set1(T(0)), va)))));
+    if (WantDw) P::store(dw + i, P::mul(d, xh));
+    if (WantDb) P::store(db + i, d);
+  }
+  for (; i < n; ++i) {
+    const T d = dy[i];
+    const T xh = X::scalar(r, x[i]);
+    if (WantDx) dx[i] = r.rstd * fmadd_s(xh, -c, fmadd_s(d, w[i], -a));
+    if (WantDw) dw[i] = d * xh;
+    if (WantDb) db[i] = d;
+  }
+}
+
 // Fused residual, forward: s = alpha * x + r, one rounding (an fma). s may be x or r.
 template <class Isa, class T>
 inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {

@@ -27,6 +27,10 @@ struct RowNormSpec {
   ScaleKind scale;    // how gamma applies
   bool shift;         // beta present
   bool eps_outside;   // RMSNorm's y = x / (sqrt(ms) + eps)
+  // AdaNorm (Xu et al. 2019): y = C (1 - k xhat) xhat instead of the affine map.
+  bool ada = false;
+  double ada_c = 1.0, ada_k = 0.1;
+  bool ada_full_grad = false;
 };
 
 // ---------------------------------------------------------------------------------
@@ -192,6 +196,10 @@ void normalize_wide(const RowNormSpec& spec, const T* x, T* y, Index n, const Ro
                     const T* gamma, const T* beta) {
   for (Index i = 0; i < n; ++i) {
     double v = (static_cast<double>(x[i]) * st.scale - st.mean_s) / st.denom_s;
+    if (spec.ada) {
+      y[i] = static_cast<T>(spec.ada_c * (1.0 - spec.ada_k * v) * v);
+      continue;
+    }
     if (spec.scale == ScaleKind::Gamma) v *= static_cast<double>(gamma[i]);
     if (spec.scale == ScaleKind::OnePlusGamma) v *= 1.0 + static_cast<double>(gamma[i]);
     if (spec.shift) v += static_cast<double>(beta[i]);
@@ -256,6 +264,102 @@ struct Residual {
   double alpha = 1.0;
 };
 
+// The rows of one forward call on raw pointers, after the checks.
+template <class T>
+struct RowPass {
+  const T* x;
+  T* y;
+  Index n, rows;
+  const T* gamma;
+  const T* beta;
+  Index param_stride;  // gamma and beta of row r at + r * param_stride (0: shared)
+  T* mean_hi;
+  T* mean_lo;
+  T* rstd;
+  bool stream;
+};
+
+template <class Isa, class T, bool Center, class Device>
+void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& device,
+                  const Residual<T>* res = nullptr) {
+  const Index n = q.n, rows = q.rows;
+  const T alpha = res ? static_cast<T>(res->alpha) : T(1);
+  T* mean_hi = q.mean_hi;
+  T* mean_lo = q.mean_lo;
+  T* rstd = q.rstd;
+  const bool stream = q.stream;
+  // Per row: read x once from memory (statistics), then again from cache (normalize).
+  const Eigen::TensorOpCost cost(static_cast<double>(n * static_cast<Index>(sizeof(T))),
+                                 static_cast<double>(n * static_cast<Index>(sizeof(T))),
+                                 static_cast<double>(n) * 2.0);
+  constexpr bool kC = Center;
+  with_scale(spec.scale, [&](auto S) {
+    with_bool(spec.shift, [&](auto B) {
+      with_bool(stream, [&](auto St) {
+        constexpr ScaleKind kS = decltype(S)::value;
+        constexpr bool kB = decltype(B)::value, kSt = decltype(St)::value;
+        // RMSNorm never shifts.
+        if constexpr (!kC && kB) {
+          return;
+        } else {
+          parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+            // Fused residual with streaming outputs: s is built in a row of scratch (L1)
+            // and streamed out after y, so that the normalize pass reads it from cache.
+            std::vector<T> scratch(res && kSt ? static_cast<std::size_t>(n) : 0);
+            // One row: statistics of xr (x, or s), then y. Returns early on special rows.
+            auto norm_row = [&](Index r, const T* xr) {
+              T* yr = q.y + r * n;
+              const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
+              const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
+              const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
+                                    : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
+              const double mean = st.mean();
+              const T hi = static_cast<T>(mean);
+              const T lo = static_cast<T>(mean - static_cast<double>(hi));
+              const T rt = static_cast<T>(st.rstd);
+              if (kC) {
+                mean_hi[r] = hi;
+                mean_lo[r] = lo;
+              }
+              rstd[r] = rt;
+              if (st.denom_s == 0.0) {
+                // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
+                // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
+                kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
+                                                            beta);
+                return;
+              }
+              if (std::isinf(rt)) {
+                normalize_wide(spec, xr, yr, n, st, gamma, beta);
+                return;
+              }
+              const kernels::RowAffine<T> ra{hi, lo, rt};
+              if (spec.ada) {
+                kernels::adanorm<Isa, T, kSt>(xr, yr, n, ra, static_cast<T>(spec.ada_c),
+                                              static_cast<T>(spec.ada_k));
+                return;
+              }
+              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
+            };
+            for (Index r = r0; r < r1; ++r) {
+              if (!res) {
+                norm_row(r, q.x + r * n);
+                continue;
+              }
+              T* sr = res->s.data + r * n;
+              T* s_at = kSt ? scratch.data() : sr;
+              kernels::residual_add<Isa>(q.x + r * n, res->r.data + r * n, s_at, n, alpha);
+              norm_row(r, s_at);
+              if (kSt) kernels::copy_row<Isa, T, true>(s_at, sr, n);
+            }
+            if (kSt) Isa::fence();
+          });
+        }
+      });
+    });
+  });
+}
+
 template <class Isa, class T, bool Center, class Device>
 void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
              const View<T>& y, RowStats<T>& saved, const Device& device,
@@ -303,76 +407,10 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
   }
   if (rows == 0) return;
 
-  const T* gamma = p.gamma.data;
-  const T* beta = p.beta.data;
-  const T alpha = res ? static_cast<T>(res->alpha) : T(1);
-  T* mean_hi = Center ? saved.mean.data() : nullptr;
-  T* mean_lo = Center ? saved.mean_lo.data() : nullptr;
-  T* rstd = saved.rstd.data();
-  const bool stream = stream_output<T>(x.size());
-  // Per row: read x once from memory (statistics), then again from cache (normalize).
-  const Eigen::TensorOpCost cost(static_cast<double>(n * static_cast<Index>(sizeof(T))),
-                                 static_cast<double>(n * static_cast<Index>(sizeof(T))),
-                                 static_cast<double>(n) * 2.0);
-  constexpr bool kC = Center;
-  with_scale(spec.scale, [&](auto S) {
-    with_bool(spec.shift, [&](auto B) {
-      with_bool(stream, [&](auto St) {
-        constexpr ScaleKind kS = decltype(S)::value;
-        constexpr bool kB = decltype(B)::value, kSt = decltype(St)::value;
-        // LayerNorm never scales by (1 + gamma); RMSNorm never shifts.
-        if constexpr ((kC && kS == ScaleKind::OnePlusGamma) || (!kC && kB)) {
-          return;
-        } else {
-          parallel_for(device, rows, cost, [&](Index r0, Index r1) {
-            // Fused residual with streaming outputs: s is built in a row of scratch (L1)
-            // and streamed out after y, so that the normalize pass reads it from cache.
-            std::vector<T> scratch(res && kSt ? static_cast<std::size_t>(n) : 0);
-            // One row: statistics of xr (x, or s), then y. Returns early on special rows.
-            auto norm_row = [&](Index r, const T* xr) {
-              T* yr = y.data + r * n;
-              const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
-                                    : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
-              const double mean = st.mean();
-              const T hi = static_cast<T>(mean);
-              const T lo = static_cast<T>(mean - static_cast<double>(hi));
-              const T rt = static_cast<T>(st.rstd);
-              if (kC) {
-                mean_hi[r] = hi;
-                mean_lo[r] = lo;
-              }
-              rstd[r] = rt;
-              if (st.denom_s == 0.0) {
-                // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
-                // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
-                kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
-                                                            beta);
-                return;
-              }
-              if (std::isinf(rt)) {
-                normalize_wide(spec, xr, yr, n, st, gamma, beta);
-                return;
-              }
-              const kernels::RowAffine<T> ra{hi, lo, rt};
-              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
-            };
-            for (Index r = r0; r < r1; ++r) {
-              if (!res) {
-                norm_row(r, x.data + r * n);
-                continue;
-              }
-              T* sr = res->s.data + r * n;
-              T* s_at = kSt ? scratch.data() : sr;
-              kernels::residual_add<Isa>(x.data + r * n, res->r.data + r * n, s_at, n, alpha);
-              norm_row(r, s_at);
-              if (kSt) kernels::copy_row<Isa, T, true>(s_at, sr, n);
-            }
-            if (kSt) Isa::fence();
-          });
-        }
-      });
-    });
-  });
+  const RowPass<T> q{x.data, y.data, n, rows, p.gamma.data, p.beta.data, 0,
+                     Center ? saved.mean.data() : nullptr, Center ? saved.mean_lo.data() : nullptr,
+                     saved.rstd.data(), stream_output<T>(x.size())};
+  forward_rows<Isa, T, Center>(spec, q, device, res);
 }
 
 // ---------------------------------------------------------------------------------
@@ -390,52 +428,51 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
 // the factor (r + eps) / r = 1 / (1 - eps * rstd).
 // dgamma = sum over rows of dy * xhat; dbeta = sum over rows of dy.
 
-template <class Isa, class T, bool Center, class Device>
-void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
-              const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
-              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
-  const std::string where = std::string(spec.op) + "::backward";
-  check_x(spec, where, "x", x);
-  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
-  require_data(where, "dy", dy);
-  check_params(spec, where, x, p);
-  const Index n = x.inner(spec.k);
-  const Index rows = x.outer(spec.k);
-  check_saved<Center>(where, saved, rows);
-  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
-  require_data(where, "dx", dx);
-  if (dgamma.present && spec.scale == ScaleKind::None)
-    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
-  if (dbeta.present && !spec.shift)
-    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
-  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
-    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
-  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
-    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
-  require_data(where, "dgamma", dgamma);
-  require_data(where, "dbeta", dbeta);
-  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
-    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
-  for (const View<T>* o : {&dgamma, &dbeta}) {
-    const char* name = o == &dgamma ? "dgamma" : "dbeta";
-    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
-        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
-      fail(where, name, "memory disjoint from every other argument", "an overlap");
-  }
-  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
-  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
-    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
+// The rows of one backward call on raw pointers, after the checks. dx, dgamma, dbeta:
+// nullptr when skipped. mean and mean_lo: nullptr for RMSNorm.
+template <class T>
+struct RowGradPass {
+  const T* dy;
+  const T* x;
+  T* dx;
+  Index n, rows;
+  const T* gamma;
+  const T* mean;
+  const T* mean_lo;
+  const T* rstd;
+  T* dgamma;
+  T* dbeta;
+  Index total;  // elements of the whole tensor (decides streaming)
+};
 
-  const bool want_dx = dx.present;
-  const bool want_param = dgamma.present || dbeta.present;
+template <class Isa, class T, bool Center, class Device>
+void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Device& device) {
+  const Index n = q.n, rows = q.rows;
+  if (spec.ada) {
+    // AdaNorm: no parameters; each row on its own.
+    if (!q.dx || rows == 0 || n == 0) return;
+    const Eigen::TensorOpCost cost(2.0 * static_cast<double>(n) * sizeof(T),
+                                   static_cast<double>(n) * sizeof(T), 8.0 * static_cast<double>(n));
+    with_bool(spec.ada_full_grad, [&](auto Full) {
+      parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+        for (Index r = r0; r < r1; ++r)
+          kernels::adanorm_backward<Isa, T, decltype(Full)::value>(
+              q.dy + r * n, q.x + r * n, q.dx + r * n, n, {q.mean[r], q.mean_lo[r], q.rstd[r]},
+              static_cast<T>(spec.ada_c), static_cast<T>(spec.ada_k));
+      });
+    });
+    return;
+  }
+  const bool want_dx = (q.dx != nullptr);
+  const bool want_param = (q.dgamma != nullptr) || (q.dbeta != nullptr);
   if (rows == 0 || n == 0 || (!want_dx && !want_param)) {
-    if (dgamma.present) std::fill(dgamma.data, dgamma.data + dgamma.size(), T(0));
-    if (dbeta.present) std::fill(dbeta.data, dbeta.data + dbeta.size(), T(0));
+    if ((q.dgamma != nullptr)) std::fill(q.dgamma, q.dgamma + n, T(0));
+    if ((q.dbeta != nullptr)) std::fill(q.dbeta, q.dbeta + n, T(0));
     return;
   }
 
-  const T* gamma = p.gamma.data;
-  const bool stream = want_dx && stream_output<T>(x.size());
+  const T* gamma = q.gamma;
+  const bool stream = want_dx && stream_output<T>(q.total);
   // Streaming four dx rows in step needs them to share their alignment.
   const bool group_rows = !stream || (n * static_cast<Index>(sizeof(T))) % 64 == 0;
   const double dn = static_cast<double>(n);
@@ -456,44 +493,44 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
           constexpr ScaleKind kS = decltype(S)::value;
           constexpr bool kDx = decltype(Dx)::value, kSt = decltype(St)::value;
           constexpr int kPg = decltype(Pg)::value;
-          if constexpr ((kC && kS == ScaleKind::OnePlusGamma) || (!kC && kPg == 2) ||
+          if constexpr ((!kC && kPg == 2) ||
                         (!kDx && kSt) || (kS == ScaleKind::None && kPg > 0)) {
             return;
           } else {
             // Rows go through the second pass four at a time (see backward_rows), the
             // remainder one at a time; the grouping depends on the row range only.
-            auto prepare = [&](auto& q, int j, Index r) {
-              const T* dyr = dy.data + r * n;
-              const T* xr = x.data + r * n;
-              q.dy[j] = dyr;
-              q.x[j] = xr;
-              q.dx[j] = kDx ? dx.data + r * n : nullptr;
-              q.ra[j] = {kC ? saved.mean(r) : T(0), kC ? saved.mean_lo(r) : T(0), saved.rstd(r)};
-              q.a[j] = q.b[j] = T(0);
+            auto prepare = [&](auto& args, int j, Index r) {
+              const T* dyr = q.dy + r * n;
+              const T* xr = q.x + r * n;
+              args.dy[j] = dyr;
+              args.x[j] = xr;
+              args.dx[j] = kDx ? q.dx + r * n : nullptr;
+              args.ra[j] = {kC ? q.mean[r] : T(0), kC ? q.mean_lo[r] : T(0), q.rstd[r]};
+              args.a[j] = args.b[j] = T(0);
               if (kDx) {
                 double sum_g = 0.0, sum_gx = 0.0;
-                kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, q.ra[j], sum_g, sum_gx);
+                kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx);
                 double mean_gx = sum_gx / dn;
-                if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(q.ra[j].rstd);
-                q.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
-                q.b[j] = static_cast<T>(mean_gx);
+                if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(args.ra[j].rstd);
+                args.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
+                args.b[j] = static_cast<T>(mean_gx);
               }
             };
             auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc) {
               Index r = r0;
               if (group_rows) {
                 for (; r + 4 <= r1; r += 4) {
-                  kernels::RowsArgs<T, 4> q;
-                  for (int j = 0; j < 4; ++j) prepare(q, j, r + j);
+                  kernels::RowsArgs<T, 4> args;
+                  for (int j = 0; j < 4; ++j) prepare(args, j, r + j);
                   kernels::backward_rows<Isa, T, 4, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                      q, gamma, n, dg_acc, db_acc);
+                      args, gamma, n, dg_acc, db_acc);
                 }
               }
               for (; r < r1; ++r) {
-                kernels::RowsArgs<T, 1> q;
-                prepare(q, 0, r);
+                kernels::RowsArgs<T, 1> args;
+                prepare(args, 0, r);
                 kernels::backward_rows<Isa, T, 1, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                    q, gamma, n, dg_acc, db_acc);
+                    args, gamma, n, dg_acc, db_acc);
               }
               if (kSt) Isa::fence();
             };
@@ -541,12 +578,56 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
         if (acc_arrays > 1)
           for (Index j = 0; j < len; ++j) sb[j] += base[n + j];
       }
-      if (dgamma.present)
-        for (Index j = 0; j < len; ++j) dgamma.data[j0 + j] = static_cast<T>(sg[j]);
-      if (dbeta.present)
-        for (Index j = 0; j < len; ++j) dbeta.data[j0 + j] = static_cast<T>(sb[j]);
+      if ((q.dgamma != nullptr))
+        for (Index j = 0; j < len; ++j) q.dgamma[j0 + j] = static_cast<T>(sg[j]);
+      if ((q.dbeta != nullptr))
+        for (Index j = 0; j < len; ++j) q.dbeta[j0 + j] = static_cast<T>(sb[j]);
     }
   });
+}
+
+template <class Isa, class T, bool Center, class Device>
+void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
+              const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
+              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+  const std::string where = std::string(spec.op) + "::backward";
+  check_x(spec, where, "x", x);
+  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
+  require_data(where, "dy", dy);
+  check_params(spec, where, x, p);
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
+  check_saved<Center>(where, saved, rows);
+  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
+  require_data(where, "dx", dx);
+  if (dgamma.present && spec.scale == ScaleKind::None)
+    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
+  if (dbeta.present && !spec.shift)
+    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
+  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
+    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
+  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
+    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
+  require_data(where, "dgamma", dgamma);
+  require_data(where, "dbeta", dbeta);
+  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
+    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
+  for (const View<T>* o : {&dgamma, &dbeta}) {
+    const char* name = o == &dgamma ? "dgamma" : "dbeta";
+    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
+        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
+      fail(where, name, "memory disjoint from every other argument", "an overlap");
+  }
+  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
+  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
+    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
+
+  const RowGradPass<T> q{dy.data, x.data, dx.present ? dx.data : nullptr, n, rows, p.gamma.data,
+                         Center ? saved.mean.data() : nullptr,
+                         Center ? saved.mean_lo.data() : nullptr, saved.rstd.data(),
+                         dgamma.present ? dgamma.data : nullptr,
+                         dbeta.present ? dbeta.data : nullptr, x.size()};
+  backward_pass<Isa, T, Center>(spec, q, device);
 }
 
 // Fused residual, backward: s = alpha x + r fed y = norm(s) and the residual stream, so
