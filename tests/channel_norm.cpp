@@ -349,7 +349,8 @@ Result<T> run(const Chan<T, Isa>& op, const ChanProblem<T>& pr, const Buffer<T>&
 // typical = true replaces n by sqrt(n) in the double terms: the random-walk growth of
 // rounding in a long sum (Eigen's sqrt(n) epsilon convention), for the large groups.
 // Float statistics (include/normkit/detail/channel_kernels.hpp, blocked_sums): the terms
-// d = x - x0 (x0: the group's first element, or a shard's) are rounded once in float and
+// d = x - x0 (x0: the lower median of the group's first 16 elements in (n, c, m) order,
+// or of a shard's: channel_norm.hpp group_shift) are rounded once in float and
 // summed in float trees of up to 8 terms (depth 3) before the double accumulation. Each
 // term thus carries at most 4 roundings of u = eps_f / 2 = 2 eps_f in all, so, with
 // dm = mean |x - x0| and d2 = mean (x - x0)^2 over the group:
@@ -368,18 +369,24 @@ std::vector<TreeErr> tree_err(const ref::ChanNorm& r, const ref::ChanShape& s,
   std::vector<TreeErr> out(G);
   if (!std::is_same<T, float>::value) return out;
   std::vector<double> x0(G, 0), dm(G, 0), d2(G, 0), cnt(G, 0), far(G, 0);
-  std::vector<bool> seen(G, false);
+  std::vector<std::vector<double>> first(G);
   for (std::size_t n = 0; n < s.N; ++n)
     for (std::size_t c = 0; c < s.C; ++c) {
       const std::size_t k = ref::stat_of(r, s, n, c);
       for (std::size_t m = 0; m < s.M; ++m) {
         const double v = static_cast<double>(x[s.at(n, c, m)]);
-        if (!seen[k]) x0[k] = v, seen[k] = true;
+        if (first[k].size() < 16) first[k].push_back(v);
         far[k] = std::max(far[k], std::fabs(v - Dl(st.mean[k])));
       }
     }
-  for (std::size_t k = 0; k < G; ++k)
+  for (std::size_t k = 0; k < G; ++k) {
+    if (!first[k].empty()) {
+      std::sort(first[k].begin(), first[k].end());
+      x0[k] = first[k][(first[k].size() - 1) / 2];
+    }
+    // The shift is a member of the group: none is farther from the mean than far.
     if (worst) x0[k] = Dl(st.mean[k]) + far[k];
+  }
   for (std::size_t n = 0; n < s.N; ++n)
     for (std::size_t c = 0; c < s.C; ++c) {
       const std::size_t k = ref::stat_of(r, s, n, c);

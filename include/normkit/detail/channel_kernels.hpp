@@ -250,12 +250,17 @@ inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
 }
 
 // Whether blocked sums over `count` elements can be trusted: finite (no square or tree
-// overflowed T, no NaN or Inf in the data) and a mean square far above T's underflow
-// (squares that underflowed then weigh less than 2^-30 of the total).
+// overflowed T, no NaN or Inf in the data); a mean square far above T's underflow
+// (squares that underflowed then weigh less than 2^-30 of the total); and a shift within
+// two standard deviations of the mean, delta^2 <= 4 var with delta = s / count: the
+// rounding of each term (4 roundings of T at most) reaches var magnified by
+// (var + delta^2) / var, at most 5 here.
 template <class T>
 inline bool blocked_sums_trusted(double s, double s2, double count) {
   constexpr double kTiny = sizeof(T) <= sizeof(float) ? 0x1p-96 : 0x1p-960;
-  return std::isfinite(s) && std::isfinite(s2) && s2 >= kTiny * count;
+  if (!(std::isfinite(s) && std::isfinite(s2) && s2 >= kTiny * count)) return false;
+  const double delta = s / count;
+  return delta * delta <= 4.0 * (s2 / count - delta * delta);
 }
 
 // Column form of blocked_sums over `rows` rows of C elements, ld apart, added to s and

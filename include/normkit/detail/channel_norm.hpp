@@ -8,12 +8,14 @@
 //   - GroupNorm: per (n, group g) over the group's C / G channels and all m: N * G;
 //   - InstanceNorm: GroupNorm with G = C: N * C statistics.
 //
-// Statistics (both formats, the same algorithm): every sum is taken in double, shifted
-// by the group's first element (n, c, m smallest, the same element in both formats):
-// float data in one pass (s = sum d, s2 = sum d^2, d = x - shift; var = s2/n - (s/n)^2
-// loses at most about n * DBL_EPSILON of var relative to (shift - mean)^2 <= n var), double
-// data in two (a shifted mean, then the same sums about it), with a power-of-two rescale
-// when double data's squares leave double's range. Channels first sums contiguous
+// Statistics (both formats, the same algorithm): sums shifted by a member of the group
+// near its centre (group_shift: the median of its first 16 elements, the same elements
+// in both formats). Float data in one pass: d = x - shift and d^2 summed in short float
+// trees, then in double (kernels::blocked_sums), var = s2/n - (s/n)^2; groups where that
+// cannot be trusted (overflow, underflow, or a shift more than 2 standard deviations
+// from the mean) are summed again exactly in double. Double data in two passes (a
+// shifted mean, then the same sums about it), with a power-of-two rescale when double
+// data's squares leave double's range. Channels first sums contiguous
 // segments; channels last sums down columns; only the order of the double additions
 // differs between the two.
 //
@@ -257,6 +259,28 @@ Mom rescaled_moments(const Geo& g, const T* x, Index s) {
   return finish(count, m1, a, b, scale);
 }
 
+// The shift of statistic s's sums: the lower median of its first (up to) 16 elements in
+// (n, c, m) order, the same elements in both formats. A member of the group near its
+// centre: the float-blocked sums lose accuracy as (mean - shift)^2 / var grows (see
+// kernels::blocked_sums_trusted, which sends a group to the exact kernels past 4), and
+// one outlier among the first elements no longer decides the shift.
+constexpr int kShiftSample = 16;
+
+template <class T>
+T group_shift(const Geo& g, const T* x, Index s) {
+  T v[kShiftSample];
+  int k = 0;
+  const Index n0 = g.batch ? 0 : s / g.G, n1 = g.batch ? g.N : n0 + 1;
+  const Index c0 = g.batch ? s : (s % g.G) * g.Cg, c1 = g.batch ? s + 1 : c0 + g.Cg;
+  for (Index n = n0; n < n1 && k < kShiftSample; ++n)
+    for (Index c = c0; c < c1 && k < kShiftSample; ++c)
+      for (Index m = 0; m < g.M && k < kShiftSample; ++m) v[k++] = x[g.at(n, c, m)];
+  if (k == 0) return T(0);
+  // NaN compares false: any order is fine, the group's sums are NaN anyway.
+  std::sort(v, v + k, [](T a, T b) { return a < b; });
+  return v[(k - 1) / 2];
+}
+
 // Moments of statistic s, channels first: its elements are segments of M contiguous
 // values (BatchNorm: one per sample; per-sample statistics: one contiguous run).
 template <class Isa, class T>
@@ -267,7 +291,8 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
   const Index segs = g.batch ? g.N : 1;
   const Index len = g.batch ? g.M : g.Cg * g.M;
   auto seg = [&](Index i) { return g.batch ? x + g.at(i, s, 0) : x + g.at(s / g.G, (s % g.G) * g.Cg, 0); };
-  const double shift = static_cast<double>(*seg(0));
+  const T fshift = group_shift(g, x, s);
+  const double shift = static_cast<double>(fshift);
   double a = 0.0, b = 0.0;
   // While one segment is summed, the next is prefetched (see kernels::Prefetch).
   auto next = [&](Index i) {
@@ -277,7 +302,7 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
     // The fast blocked sums, or the exact double ones when they cannot be trusted.
     for (Index i = 0; i < segs; ++i) {
       double sa, sb;
-      kernels::blocked_sums<Isa>(seg(i), len, *seg(0), sa, sb, next(i));
+      kernels::blocked_sums<Isa>(seg(i), len, fshift, sa, sb, next(i));
       a += sa;
       b += sb;
     }
@@ -337,9 +362,12 @@ void moments_last_sample(const Geo& g, const T* x, Index n, Index g0, Index g1, 
     std::fill(s2 + cg, s2 + cg + g.Cg, 0.0);
     kernels::column_shifted_sums<Isa>(xs + cg, g.M, C, g.Cg, shift + cg, s + cg, s2 + cg);
   };
-  for (Index c = c0; c < c1; ++c) {
-    fshift[c] = xs[(c / g.Cg) * g.Cg];
-    shift[c] = static_cast<double>(fshift[c]);
+  for (Index grp = g0; grp < g1; ++grp) {
+    const T v = group_shift(g, x, n * g.G + grp);
+    for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
+      fshift[c] = v;
+      shift[c] = static_cast<double>(v);
+    }
   }
   if constexpr (sizeof(T) <= sizeof(float)) {
     std::fill(s + c0, s + c1, 0.0);
@@ -431,7 +459,11 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
   if (rows == 0 || C == 0) return std::vector<Mom>(static_cast<std::size_t>(C), Mom{0.0, kNaN, kNaN, 1.0});
   std::vector<double> shift(static_cast<std::size_t>(C)), s(static_cast<std::size_t>(C)),
       s2(static_cast<std::size_t>(C));
-  for (Index c = 0; c < C; ++c) shift[static_cast<std::size_t>(c)] = static_cast<double>(x[c]);
+  std::vector<T> fshift(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    fshift[static_cast<std::size_t>(c)] = group_shift(g, x, c);
+    shift[static_cast<std::size_t>(c)] = static_cast<double>(fshift[static_cast<std::size_t>(c)]);
+  }
   const double row_bytes = static_cast<double>(C * static_cast<Index>(sizeof(T)));
   auto exact_pass = [&]() {
     chunked_columns(
@@ -446,7 +478,7 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
     chunked_columns(
         device, rows, C, row_bytes,
         [&](Index r0, Index r1, double* a, double* b) {
-          kernels::column_blocked_sums<Isa>(x + r0 * C, r1 - r0, C, C, x, a, b);
+          kernels::column_blocked_sums<Isa>(x + r0 * C, r1 - r0, C, C, fshift.data(), a, b);
         },
         s.data(), s2.data());
     for (Index c = 0; c < C; ++c) {
