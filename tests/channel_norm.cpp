@@ -349,7 +349,7 @@ Result<T> run(const Chan<T, Isa>& op, const ChanProblem<T>& pr, const Buffer<T>&
 // typical = true replaces n by sqrt(n) in the double terms: the random-walk growth of
 // rounding in a long sum (Eigen's sqrt(n) epsilon convention), for the large groups.
 // Float statistics (include/normkit/detail/channel_kernels.hpp, blocked_sums): the terms
-// d = x - x0 (x0: the lower median of the group's first 16 elements in (n, c, m) order,
+// d = x - x0 (x0: the lower median of the group's first 5 elements in (n, c, m) order,
 // or of a shard's: channel_norm.hpp group_shift) are rounded once in float and
 // summed in float trees of up to 8 terms (depth 3) before the double accumulation. Each
 // term thus carries at most 4 roundings of u = eps_f / 2 = 2 eps_f in all, so, with
@@ -375,7 +375,7 @@ std::vector<TreeErr> tree_err(const ref::ChanNorm& r, const ref::ChanShape& s,
       const std::size_t k = ref::stat_of(r, s, n, c);
       for (std::size_t m = 0; m < s.M; ++m) {
         const double v = static_cast<double>(x[s.at(n, c, m)]);
-        if (first[k].size() < 16) first[k].push_back(v);
+        if (first[k].size() < 5) first[k].push_back(v);
         far[k] = std::max(far[k], std::fabs(v - Dl(st.mean[k])));
       }
     }

@@ -9,7 +9,7 @@
 //   - InstanceNorm: GroupNorm with G = C: N * C statistics.
 //
 // Statistics (both formats, the same algorithm): sums shifted by a member of the group
-// near its centre (group_shift: the median of its first 16 elements, the same elements
+// near its centre (group_shift: the median of its first 5 elements, the same elements
 // in both formats). Float data in one pass: d = x - shift and d^2 summed in short float
 // trees, then in double (kernels::blocked_sums), var = s2/n - (s/n)^2; groups where that
 // cannot be trusted (overflow, underflow, or a shift more than 2 standard deviations
@@ -259,12 +259,27 @@ Mom rescaled_moments(const Geo& g, const T* x, Index s) {
   return finish(count, m1, a, b, scale);
 }
 
-// The shift of statistic s's sums: the lower median of its first (up to) 16 elements in
-// (n, c, m) order, the same elements in both formats. A member of the group near its
-// centre: the float-blocked sums lose accuracy as (mean - shift)^2 / var grows (see
-// kernels::blocked_sums_trusted, which sends a group to the exact kernels past 4), and
-// one outlier among the first elements no longer decides the shift.
-constexpr int kShiftSample = 16;
+// The shift of statistic s's sums: the lower median of its first (up to) 5 elements in
+// (n, c, m) order, the same elements in both formats. A member of the group, near its
+// centre unless 3 of those 5 are outliers: the float-blocked sums lose accuracy as
+// (mean - shift)^2 / var grows (kernels::blocked_sums_trusted sends a group to the exact
+// kernels past 4), and one outlier first element no longer decides the shift. For
+// normal data the median of 5 lies beyond 2 standard deviations with probability 2.4e-4.
+constexpr int kShiftSample = 5;
+
+// The first element of statistic s (whose line group_shift reads first).
+template <class T>
+const T* stat_begin(const Geo& g, const T* x, Index s) {
+  return g.batch ? x + g.at(0, s, 0) : x + g.at(s / g.G, (s % g.G) * g.Cg, 0);
+}
+
+// Prefetches the line group_shift(s) will read: its loads would otherwise stall on
+// memory's latency before the sums of the group can start (a whole pass of short
+// InstanceNorm groups lost a third of its speed to it).
+template <class T>
+void prefetch_stat(const Geo& g, const T* x, Index s) {
+  if (s < g.stats() && g.count() > 0) __builtin_prefetch(stat_begin(g, x, s), 0, 3);
+}
 
 template <class T>
 T group_shift(const Geo& g, const T* x, Index s) {
@@ -276,8 +291,18 @@ T group_shift(const Geo& g, const T* x, Index s) {
     for (Index c = c0; c < c1 && k < kShiftSample; ++c)
       for (Index m = 0; m < g.M && k < kShiftSample; ++m) v[k++] = x[g.at(n, c, m)];
   if (k == 0) return T(0);
-  // NaN compares false: any order is fine, the group's sums are NaN anyway.
-  std::sort(v, v + k, [](T a, T b) { return a < b; });
+  if (k == 5) {
+    // Branch-free (on random data a sort mispredicts half its compares): neither the
+    // smallest nor the largest of v[0..3] can be the median of 5; the median of the three
+    // others and v[4] is.
+    const T f = std::max(std::min(v[0], v[1]), std::min(v[2], v[3]));
+    const T h = std::min(std::max(v[0], v[1]), std::max(v[2], v[3]));
+    return std::max(std::min(f, h), std::min(std::max(f, h), v[4]));
+  }
+  // Fewer: insertion sort, lower median. NaN compares false: any order is fine then, the
+  // group's sums are NaN anyway.
+  for (int i = 1; i < k; ++i)
+    for (int j = i; j > 0 && v[j] < v[j - 1]; --j) std::swap(v[j], v[j - 1]);
   return v[(k - 1) / 2];
 }
 
@@ -628,16 +653,15 @@ bool fill_backward(Arrays<T>& a, Index c, const BwdCoef<T>& k) {
 template <class Isa, class T, bool Stream, bool UseX>
 void dx_rows(const T* dy, const T* x, T* dx, Index r0, Index r1, Index ld, Index c0, Index c1,
              Arrays<T>& a, bool wide) {
-  for (Index r = r0; r < r1; ++r) {
-    const Index o = r * ld + c0;
-    if (UseX && wide)
-      kernels::dx_map<Isa, T, true, Stream, true, true>(dy + o, x + o, dx + o, c1 - c0, a[0] + c0,
-                                                         a[1] + c0, a[2] + c0, a[3] + c0, a[4] + c0);
-    else
-      kernels::dx_map<Isa, T, true, Stream, UseX, false>(dy + o, x + o, dx + o, c1 - c0, a[0] + c0,
-                                                          a[1] + c0, a[2] + c0, a[3] + c0,
-                                                          a[4] + c0);
-  }
+  const Index o = r0 * ld + c0;
+  if (UseX && wide)
+    kernels::dx_rows_kernel<Isa, T, Stream, true, true>(dy + o, x + o, dx + o, r1 - r0, ld,
+                                                         c1 - c0, a[0] + c0, a[1] + c0,
+                                                         a[2] + c0, a[3] + c0, a[4] + c0);
+  else
+    kernels::dx_rows_kernel<Isa, T, Stream, UseX, false>(dy + o, x + o, dx + o, r1 - r0, ld,
+                                                          c1 - c0, a[0] + c0, a[1] + c0,
+                                                          a[2] + c0, a[3] + c0, a[4] + c0);
 }
 
 template <class T>
@@ -699,15 +723,13 @@ void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
 template <class Isa, class T, bool Stream>
 void normalize_rows(const T* x, T* y, Index r0, Index r1, Index ld, Index c0, Index c1,
                     Arrays<T>& a, bool wide) {
-  for (Index r = r0; r < r1; ++r) {
-    const Index o = r * ld + c0;
-    if (wide)
-      kernels::affine_map<Isa, T, true, Stream, true>(x + o, y + o, c1 - c0, a[0] + c0, a[1] + c0,
-                                                       a[2] + c0, a[3] + c0);
-    else
-      kernels::affine_map<Isa, T, true, Stream, false>(x + o, y + o, c1 - c0, a[0] + c0,
-                                                        a[1] + c0, a[2] + c0, a[3] + c0);
-  }
+  const Index o = r0 * ld + c0;
+  if (wide)
+    kernels::affine_rows<Isa, T, Stream, true>(x + o, y + o, r1 - r0, ld, c1 - c0, a[0] + c0,
+                                                a[1] + c0, a[2] + c0, a[3] + c0);
+  else
+    kernels::affine_rows<Isa, T, Stream, false>(x + o, y + o, r1 - r0, ld, c1 - c0, a[0] + c0,
+                                                 a[1] + c0, a[2] + c0, a[3] + c0);
 }
 
 template <class T>
@@ -795,7 +817,10 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       parallel_for(device, S, cost, [&](Index s0, Index s1) {
         for (Index s = s0; s < s1; ++s) {
           const auto k = static_cast<std::size_t>(s);
-          if (!global) mom[k] = moments_first<Isa>(g, x.data, s);
+          if (!global) {
+            if (s + 1 < s1) prefetch_stat(g, x.data, s + 1);
+            mom[k] = moments_first<Isa>(g, x.data, s);
+          }
           const RowStat st = to_stat(mom[k], eps);
           save_stat(saved, s, st);
           const Index n0 = g.batch ? 0 : s / g.G;
@@ -1239,7 +1264,10 @@ ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Dev
   if (!g.last) {
     const Eigen::TensorOpCost cost(bytes_of<T>(g.count()), 0.0, 3.0 * static_cast<double>(g.count()));
     parallel_for(device, g.C, cost, [&](Index c0, Index c1) {
-      for (Index c = c0; c < c1; ++c) mom[static_cast<std::size_t>(c)] = moments_first<Isa>(g, x.data, c);
+      for (Index c = c0; c < c1; ++c) {
+        if (c + 1 < c1) prefetch_stat(g, x.data, c + 1);
+        mom[static_cast<std::size_t>(c)] = moments_first<Isa>(g, x.data, c);
+      }
     });
   } else {
     mom = moments_last_batch<Isa>(g, x.data, device);
