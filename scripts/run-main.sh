@@ -11,7 +11,7 @@ build="${BUILD_DIR:-build/main}"
 jobs="$(nproc)"
 
 # --- benchmark invocation: the only place that knows the bench targets and quick mode ---
-bench_targets=(bench_layer_norm bench_rms_norm bench_channel_norm)
+bench_targets=(bench_layer_norm bench_rms_norm bench_channel_norm bench_adaptive_norm)
 run_bench() {  # $1: a bench target's name
   NORMKIT_BENCH_QUICK=1 "$build/bench/$1"
 }

@@ -255,9 +255,11 @@ struct Scale {
 
 // y = xhat * scale + beta. Stream selects non-temporal stores (after a scalar head
 // that aligns y to the packet size). y may be x (in place).
+// copy (the fused residual's s, built in a scratch row x): also written, x itself, with
+// the same kind of stores as y; it must share y's alignment.
 template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
-                      const T* beta) {
+                      const T* beta, T* copy = nullptr) {
   using P = typename Isa::template Pack<T>;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
@@ -268,6 +270,7 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
       v = Shift ? fmadd_s(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
     else if (Shift)
       v += beta[i];
+    if (copy) copy[i] = x[i];
     y[i] = v;
   };
   Index i = 0;
@@ -278,16 +281,20 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   const X xhat(r);
   const G scale{};
   for (; i + W <= n; i += W) {
-    typename P::V v = xhat(P::load(x + i));
+    const typename P::V xv = P::load(x + i);
+    typename P::V v = xhat(xv);
     if (S != ScaleKind::None) {
       v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
     } else if (Shift) {
       v = P::add(v, P::load(beta + i));
     }
-    if (Stream)
+    if (Stream) {
       P::stream(y + i, v);
-    else
+      if (copy) P::stream(copy + i, xv);
+    } else {
       P::store(y + i, v);
+      if (copy) P::store(copy + i, xv);
+    }
   }
   for (; i < n; ++i) scalar_at(i);
 }
@@ -593,6 +600,60 @@ inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {
   Index i = 0;
   for (; i + W <= n; i += W) P::store(s + i, P::fmadd(va, P::load(x + i), P::load(r + i)));
   for (; i < n; ++i) s[i] = fmadd_s(alpha, x[i], r[i]);
+}
+
+// Fused residual, forward, float rows: s = fma(alpha, x, r) written to s, and in the same
+// pass the sums of the row's statistics in double, as shifted_sums (Center: shift s[0],
+// s1 = sum (s - s0), s2 = sum (s - s0)^2) or sum_squares (s2 = sum s^2) would take them
+// from s: one pass over the scratch row instead of two.
+template <class Isa, class T, bool Center>
+inline void residual_add_sums(const T* x, const T* r, T* s, Index n, T alpha, double& s1,
+                              double& s2, double& shift) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
+  typename A::V a1[K], a2[K];
+  for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
+  const T s0 = n > 0 ? fmadd_s(alpha, x[0], r[0]) : T(0);
+  const typename A::V vs0 = A::set1(Center ? static_cast<double>(s0) : 0.0);
+  const typename P::V va = P::set1(alpha);
+  auto add = [&](typename P::V v, int k0) {
+    int k = k0;
+    P::widen(v, [&](typename A::V w) {
+      const typename A::V d = Center ? A::sub(w, vs0) : w;
+      if (Center) a1[k] = A::add(a1[k], d);
+      a2[k] = A::fmadd(d, d, a2[k]);
+      ++k;
+    });
+  };
+  constexpr int KP = static_cast<int>(P::W / A::W);
+  Index i = 0;
+  for (; i + kUnroll * W <= n; i += kUnroll * W)
+    for (int u = 0; u < kUnroll; ++u) {
+      const typename P::V v = P::fmadd(va, P::load(x + i + u * W), P::load(r + i + u * W));
+      P::store(s + i + u * W, v);
+      add(v, u * KP);
+    }
+  for (; i + W <= n; i += W) {
+    const typename P::V v = P::fmadd(va, P::load(x + i), P::load(r + i));
+    P::store(s + i, v);
+    add(v, 0);
+  }
+  double t1 = 0.0, t2 = 0.0;
+  for (; i < n; ++i) {
+    s[i] = fmadd_s(alpha, x[i], r[i]);
+    const double d = static_cast<double>(s[i]) - (Center ? static_cast<double>(s0) : 0.0);
+    t1 += d;
+    t2 = fmadd_s(d, d, t2);
+  }
+  for (int k = 1; k < K; ++k) {
+    a1[0] = A::add(a1[0], a1[k]);
+    a2[0] = A::add(a2[0], a2[k]);
+  }
+  s1 = Center ? A::reduce(a1[0]) + t1 : 0.0;
+  s2 = A::reduce(a2[0]) + t2;
+  shift = Center ? static_cast<double>(s0) : 0.0;
 }
 
 // dst = src, with streaming stores (after a scalar head that aligns dst) when Stream.

@@ -279,6 +279,11 @@ struct RowPass {
   bool stream;
 };
 
+template <class T>
+bool same_alignment(const T* a, const T* b) {
+  return (reinterpret_cast<std::uintptr_t>(a) - reinterpret_cast<std::uintptr_t>(b)) % 64 == 0;
+}
+
 template <class Isa, class T, bool Center, class Device>
 void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& device,
                   const Residual<T>* res = nullptr) {
@@ -307,12 +312,16 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
             // and streamed out after y, so that the normalize pass reads it from cache.
             std::vector<T> scratch(res && kSt ? static_cast<std::size_t>(n) : 0);
             // One row: statistics of xr (x, or s), then y. Returns early on special rows.
-            auto norm_row = [&](Index r, const T* xr) {
+            // pre: the row's statistics if already taken (the fused residual's float rows);
+            // copy: the fused residual's s, written from the scratch row xr beside y.
+            auto norm_row = [&](Index r, const T* xr, const RowStat* pre = nullptr,
+                                T* copy = nullptr) {
               T* yr = q.y + r * n;
               const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
               const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
-              const RowStat st = kC ? row_moments<Isa>(xr, n, spec.eps)
-                                    : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
+              const RowStat st = pre ? *pre
+                                 : kC ? row_moments<Isa>(xr, n, spec.eps)
+                                      : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
               const double mean = st.mean();
               const T hi = static_cast<T>(mean);
               const T lo = static_cast<T>(mean - static_cast<double>(hi));
@@ -326,11 +335,12 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
                 // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
                 // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
                 kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, {hi, lo, T(0)}, gamma,
-                                                            beta);
+                                                            beta, copy);
                 return;
               }
               if (std::isinf(rt)) {
                 normalize_wide(spec, xr, yr, n, st, gamma, beta);
+                if (copy) kernels::copy_row<Isa, T, kSt>(xr, copy, n);
                 return;
               }
               const kernels::RowAffine<T> ra{hi, lo, rt};
@@ -339,7 +349,7 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
                                               static_cast<T>(spec.ada_k));
                 return;
               }
-              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta);
+              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta, copy);
             };
             for (Index r = r0; r < r1; ++r) {
               if (!res) {
@@ -348,9 +358,29 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
               }
               T* sr = res->s.data + r * n;
               T* s_at = kSt ? scratch.data() : sr;
-              kernels::residual_add<Isa>(q.x + r * n, res->r.data + r * n, s_at, n, alpha);
-              norm_row(r, s_at);
-              if (kSt) kernels::copy_row<Isa, T, true>(s_at, sr, n);
+              // Streaming: s leaves the scratch row with y's stores when the two rows share
+              // their alignment, or in a pass of its own.
+              T* copy = kSt && !spec.ada && same_alignment(sr, q.y + r * n) ? sr : nullptr;
+              if constexpr (sizeof(T) <= sizeof(float)) {
+                // Float rows: the add and the statistics' sums in one pass (as row_moments
+                // and row_rms take them for float: one pass in double).
+                double s1, s2, shift;
+                kernels::residual_add_sums<Isa, T, kC>(q.x + r * n, res->r.data + r * n, s_at, n,
+                                                      alpha, s1, s2, shift);
+                const double dn = static_cast<double>(n);
+                RowStat st;
+                if (kC) {
+                  const double md = s1 / dn;
+                  st = row_stat(shift + md, std::max(s2 / dn - md * md, 0.0), 1.0, spec.eps, false);
+                } else {
+                  st = row_stat(0.0, s2 <= DBL_MAX ? s2 / dn : kNaN, 1.0, spec.eps, spec.eps_outside);
+                }
+                norm_row(r, s_at, &st, copy);
+              } else {
+                kernels::residual_add<Isa>(q.x + r * n, res->r.data + r * n, s_at, n, alpha);
+                norm_row(r, s_at, nullptr, copy);
+              }
+              if (kSt && !copy) kernels::copy_row<Isa, T, true>(s_at, sr, n);
             }
             if (kSt) Isa::fence();
           });
