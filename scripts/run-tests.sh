@@ -3,7 +3,8 @@
 #   1. gcc Release, -Werror, tests and examples (benches off): build, ctest
 #      (unit tests per SIMD backend, the examples, the MPI example on 2 and 3 ranks,
 #      the install/consumer package tests);
-#   2. ASan + UBSan (NORMKIT_SANITIZE), Debug at -O1, -Werror, tests only: build, ctest.
+#   2. ASan + UBSan (NORMKIT_SANITIZE), Debug at -O1, -Werror, tests only (the widest
+#      test variant this CPU runs): build, ctest.
 # Installs the Debian packages it needs when they are missing (run as root, or with sudo).
 # Build dirs: build/gcc-release, build/asan-ubsan. Ends with "run-tests: N passed, 0 failed".
 set -euo pipefail
