@@ -591,7 +591,8 @@ inline void elementwise_backward(const T* dy, const T* x, const T* w, Index n,
   }
 }
 
-// Fused residual, forward: s = alpha * x + r, one rounding (an fma). s may be x or r.
+// Fused residual, forward: s = alpha * x + r, one rounding where the target has FMA (the
+// backend's fmadd; two without). s may be x or r.
 template <class Isa, class T>
 inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {
   using P = typename Isa::template Pack<T>;

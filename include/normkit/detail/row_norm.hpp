@@ -217,6 +217,8 @@ void check_params(const RowNormSpec& spec, const std::string& where, const View<
   const auto what = [](bool g, bool b) {
     return std::string(g ? (b ? "gamma and beta" : "gamma only") : (b ? "beta only" : "none"));
   };
+  if (spec.ada && (p.gamma.present || p.beta.present))
+    fail(where, "cond", "{} (AdaNorm has no condition)", what(p.gamma.present, p.beta.present));
   if (want_g != p.gamma.present || spec.shift != p.beta.present)
     fail(where, "params",
          what(want_g, spec.shift) + " (as the functor's affine mode says)",
