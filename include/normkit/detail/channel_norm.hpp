@@ -652,16 +652,16 @@ bool fill_backward(Arrays<T>& a, Index c, const BwdCoef<T>& k) {
 
 template <class Isa, class T, bool Stream, bool UseX>
 void dx_rows(const T* dy, const T* x, T* dx, Index r0, Index r1, Index ld, Index c0, Index c1,
-             Arrays<T>& a, bool wide) {
+             Arrays<T>& a, bool wide, bool block4) {
   const Index o = r0 * ld + c0;
   if (UseX && wide)
     kernels::dx_rows_kernel<Isa, T, Stream, true, true>(dy + o, x + o, dx + o, r1 - r0, ld,
                                                          c1 - c0, a[0] + c0, a[1] + c0,
-                                                         a[2] + c0, a[3] + c0, a[4] + c0);
+                                                         a[2] + c0, a[3] + c0, a[4] + c0, block4);
   else
     kernels::dx_rows_kernel<Isa, T, Stream, UseX, false>(dy + o, x + o, dx + o, r1 - r0, ld,
                                                           c1 - c0, a[0] + c0, a[1] + c0,
-                                                          a[2] + c0, a[3] + c0, a[4] + c0);
+                                                          a[2] + c0, a[3] + c0, a[4] + c0, block4);
 }
 
 template <class T>
@@ -722,14 +722,14 @@ void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
 // channel.
 template <class Isa, class T, bool Stream>
 void normalize_rows(const T* x, T* y, Index r0, Index r1, Index ld, Index c0, Index c1,
-                    Arrays<T>& a, bool wide) {
+                    Arrays<T>& a, bool wide, bool block4) {
   const Index o = r0 * ld + c0;
   if (wide)
     kernels::affine_rows<Isa, T, Stream, true>(x + o, y + o, r1 - r0, ld, c1 - c0, a[0] + c0,
-                                                a[1] + c0, a[2] + c0, a[3] + c0);
+                                                a[1] + c0, a[2] + c0, a[3] + c0, block4);
   else
     kernels::affine_rows<Isa, T, Stream, false>(x + o, y + o, r1 - r0, ld, c1 - c0, a[0] + c0,
-                                                 a[1] + c0, a[2] + c0, a[3] + c0);
+                                                 a[1] + c0, a[2] + c0, a[3] + c0, block4);
 }
 
 template <class T>
@@ -851,7 +851,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       }
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 4.0 * static_cast<double>(g.C));
       parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide);
+        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide, false);
         if (kSt) Isa::fence();
       });
     } else {
@@ -875,7 +875,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
               for (Index c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) wide |= fill_forward(a, c, coef(st, c));
             }
             normalize_rows<Isa, T, kSt>(x.data + base, y.data + base, 0, g.M, g.C, g0 * g.Cg,
-                                        g1 * g.Cg, a, wide);
+                                        g1 * g.Cg, a, wide, true);
           }
         }
         if (kSt) Isa::fence();
@@ -924,7 +924,7 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
     } else {
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 3.0 * static_cast<double>(g.C));
       parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide);
+        normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide, false);
         if (kSt) Isa::fence();
       });
     }
@@ -1065,7 +1065,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
         if (want_dx) {
           const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(C), bytes_of<T>(C), 4.0 * static_cast<double>(C));
           parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
-            dx_rows<Isa, T, kSt, kUX>(dy.data, x.data, dx.data, r0, r1, C, 0, C, k, wide);
+            dx_rows<Isa, T, kSt, kUX>(dy.data, x.data, dx.data, r0, r1, C, 0, C, k, wide, false);
             if (kSt) Isa::fence();
           });
         }
@@ -1161,7 +1161,7 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
             for (Index grp = g0; grp < g1; ++grp)
               group_coefs(n, grp, [&](Index c, const BwdCoef<T>& k) { wide |= fill_backward(a, c, k); });
             dx_rows<Isa, T, kSt, true>(dy.data + base, x.data + base, dx.data + base, 0, g.M, C, c0,
-                                       c1, a, wide);
+                                       c1, a, wide, true);
           }
         }
         if (kSt) Isa::fence();
