@@ -664,11 +664,6 @@ void dx_rows(const T* dy, const T* x, T* dx, Index r0, Index r1, Index ld, Index
                                                           a[2] + c0, a[3] + c0, a[4] + c0, block4);
 }
 
-template <class T>
-double param_at(const View<const T>& v, Index c, double absent) {
-  return v.present ? static_cast<double>(v.data[c]) : absent;
-}
-
 // ---------------------------------------------------------------------------------
 // Forward (training: batch or instance statistics; or BatchNorm with given global
 // moments).
