@@ -89,6 +89,14 @@ struct Geo {
   Index at(Index n, Index c, Index m) const {
     return last ? (n * M + m) * C + c : (n * C + c) * M + m;
   }
+  // The samples [n0, n1) and channels [c0, c1) of statistic s.
+  struct Range {
+    Index n0, n1, c0, c1;
+  };
+  Range range(Index s) const {
+    if (batch) return {0, N, s, s + 1};
+    return {s / G, s / G + 1, (s % G) * Cg, (s % G) * Cg + Cg};
+  }
 };
 
 template <class T>
@@ -219,10 +227,9 @@ inline bool squares_in_range(double s2) { return s2 == 0.0 || (s2 < kSumSqHuge &
 // Calls f(value) for each element of statistic s, in (n, c, m) order.
 template <class T, class F>
 void for_each_in_stat(const Geo& g, const T* x, Index s, F&& f) {
-  const Index n0 = g.batch ? 0 : s / g.G, n1 = g.batch ? g.N : n0 + 1;
-  const Index c0 = g.batch ? s : (s % g.G) * g.Cg, c1 = g.batch ? s + 1 : c0 + g.Cg;
-  for (Index n = n0; n < n1; ++n)
-    for (Index c = c0; c < c1; ++c)
+  const Geo::Range q = g.range(s);
+  for (Index n = q.n0; n < q.n1; ++n)
+    for (Index c = q.c0; c < q.c1; ++c)
       for (Index m = 0; m < g.M; ++m) f(x[g.at(n, c, m)]);
 }
 
@@ -270,7 +277,8 @@ constexpr int kShiftSample = 5;
 // The first element of statistic s (whose line group_shift reads first).
 template <class T>
 const T* stat_begin(const Geo& g, const T* x, Index s) {
-  return g.batch ? x + g.at(0, s, 0) : x + g.at(s / g.G, (s % g.G) * g.Cg, 0);
+  const Geo::Range q = g.range(s);
+  return x + g.at(q.n0, q.c0, 0);
 }
 
 // Prefetches the line group_shift(s) will read: its loads would otherwise stall on
@@ -285,10 +293,9 @@ template <class T>
 T group_shift(const Geo& g, const T* x, Index s) {
   T v[kShiftSample];
   int k = 0;
-  const Index n0 = g.batch ? 0 : s / g.G, n1 = g.batch ? g.N : n0 + 1;
-  const Index c0 = g.batch ? s : (s % g.G) * g.Cg, c1 = g.batch ? s + 1 : c0 + g.Cg;
-  for (Index n = n0; n < n1 && k < kShiftSample; ++n)
-    for (Index c = c0; c < c1 && k < kShiftSample; ++c)
+  const Geo::Range q = g.range(s);
+  for (Index n = q.n0; n < q.n1 && k < kShiftSample; ++n)
+    for (Index c = q.c0; c < q.c1 && k < kShiftSample; ++c)
       for (Index m = 0; m < g.M && k < kShiftSample; ++m) v[k++] = x[g.at(n, c, m)];
   if (k == 0) return T(0);
   if (k == 5) {
@@ -315,7 +322,8 @@ Mom moments_first(const Geo& g, const T* x, Index s) {
   // The segments of statistic s: (pointer, length) pairs.
   const Index segs = g.batch ? g.N : 1;
   const Index len = g.batch ? g.M : g.Cg * g.M;
-  auto seg = [&](Index i) { return g.batch ? x + g.at(i, s, 0) : x + g.at(s / g.G, (s % g.G) * g.Cg, 0); };
+  const Geo::Range q = g.range(s);
+  auto seg = [&](Index i) { return x + g.at(q.n0 + i, q.c0, 0); };
   const T fshift = group_shift(g, x, s);
   const double shift = static_cast<double>(fshift);
   double a = 0.0, b = 0.0;
@@ -806,7 +814,6 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
     if (!g.last) {
       // Channels first, per statistic: its segments from memory (moments), then again
       // from cache (normalize). A BatchNorm channel of [32, 64, 56, 56] is 400 KB: L2.
-      const Index per = g.batch ? g.N : 1;
       const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(g.count()), bytes_of<T>(g.count()),
                                      6.0 * static_cast<double>(g.count()));
       parallel_for(device, S, cost, [&](Index s0, Index s1) {
@@ -818,14 +825,13 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
           }
           const RowStat st = to_stat(mom[k], eps);
           save_stat(saved, s, st);
-          const Index n0 = g.batch ? 0 : s / g.G;
-          const Index c0 = g.batch ? s : (s % g.G) * g.Cg, c1 = g.batch ? s + 1 : c0 + g.Cg;
+          const Geo::Range q = g.range(s);
           // BatchNorm: while channel c is normalized from cache, channel c + 1 (this
           // thread's next) is prefetched, segment by segment.
           const bool pf = g.batch && s + 1 < s1;
-          for (Index c = c0; c < c1; ++c) {
+          for (Index c = q.c0; c < q.c1; ++c) {
             const FwdCoef<T> kc = coef(st, c);
-            for (Index n = n0; n < n0 + per; ++n)
+            for (Index n = q.n0; n < q.n1; ++n)
               normalize_segment<Isa, T, kSt>(
                   x.data + g.at(n, c, 0), y.data + g.at(n, c, 0), g.M, kc,
                   pf ? kernels::Prefetch(x.data + g.at(n, c + 1, 0), g.M) : kernels::Prefetch());
