@@ -161,17 +161,22 @@ AdaOut<typename Op::type> run_ada(const Op& o, const AdaProblem<typename Op::typ
   return out;
 }
 
-// Per-row data the tolerances need: z = xhat in long double, max|z|, rstd.
+// Per-row data the tolerances need: z = xhat in long double, max|z|, rstd, and the error
+// of float statistics (nt::float_stats_err; trees = false: statistics summed exactly in
+// double, as the fused residual's are).
 struct RowInfo {
   std::vector<double> z;
   double zmax = 0, rstd = 0;
+  nt::XhatErr xe;
 };
 template <class T>
-std::vector<RowInfo> row_info(double eps, bool center, const T* x, std::size_t rows, std::size_t n) {
+std::vector<RowInfo> row_info(double eps, bool center, const T* x, std::size_t rows, std::size_t n,
+                              bool trees = true) {
   const ref::RowNorm rn{center, 0, false, false, eps};
   std::vector<RowInfo> info(rows);
   for (std::size_t r = 0; r < rows; ++r) {
     const auto st = ref::stats(rn, x + r * n, n);
+    if (trees) info[r].xe = nt::float_stats_err(rn, x + r * n, n);
     info[r].rstd = static_cast<double>(st.rstd);
     info[r].z.resize(n);
     for (std::size_t i = 0; i < n; ++i) {
@@ -186,7 +191,8 @@ std::vector<RowInfo> row_info(double eps, bool center, const T* x, std::size_t r
 // mean(g z)), each term a few roundings of T, the statistics n eps_d of the spread:
 // |d dx_i| <= rstd (8 eps_T (G_i + mean G + (|z_i| + 1) mean G|z|)
 //                   + 4 n eps_d (G_i + mean G + (|z_i| + max|z|) mean G|z|)),
-// with G_i a bound on |g_i| that also covers g's own perturbation by z's error.
+// with G_i a bound on |g_i| that also covers g's own perturbation by z's error; plus the
+// float statistics' terms (as nt::compare_backward).
 template <class T>
 struct DxTol {
   const RowInfo& ri;
@@ -202,7 +208,9 @@ struct DxTol {
   }
   double operator()(std::size_t i) const {
     const double zi = std::fabs(ri.z[i]);
-    return ri.rstd * (e * (G[i] + mg + (zi + 1) * mgz) + en * (G[i] + mg + (zi + ri.zmax) * mgz));
+    return ri.rstd * (e * (G[i] + mg + (zi + 1) * mgz) + en * (G[i] + mg + (zi + ri.zmax) * mgz) +
+                      ri.xe.xr * (G[i] + mg + zi * mgz) + ri.xe.at(zi) * mgz +
+                      zi * (ri.xe.xm * mg + ri.xe.xr * mgz));
   }
 };
 
@@ -212,9 +220,11 @@ struct DxTol {
 // dz = 8 eps_T |z| + 4 n eps_d max|z| moves y by |C| |1 - 2 k z| dz <= |C| (1 + 2|k z|) dz,
 // and the products round 4 times: 4 eps_T |C| (|z| + |k| z^2).
 template <class T>
-double ada_fwd_tol(const adref::Op& op, double z, double zmax, double m, double c, Index n) {
-  if (op.form != adref::Form::AdaNorm) return nt::fwd_tol<T>(z, zmax, m, c, n);
-  const double dz = 8 * nt::eps_of<T>() * std::fabs(z) + 4 * static_cast<double>(n) * DBL_EPSILON * zmax;
+double ada_fwd_tol(const adref::Op& op, double z, double zmax, double m, double c, Index n,
+                   nt::XhatErr xe = {}) {
+  if (op.form != adref::Form::AdaNorm) return nt::fwd_tol<T>(z, zmax, m, c, n, xe);
+  const double dz = 8 * nt::eps_of<T>() * std::fabs(z) + 4 * static_cast<double>(n) * DBL_EPSILON * zmax +
+                    xe.at(z);
   return std::fabs(op.C) * ((1 + 2 * std::fabs(op.k * z)) * dz +
                             4 * nt::eps_of<T>() * (std::fabs(z) + std::fabs(op.k) * z * z));
 }
@@ -255,7 +265,7 @@ void compare_ada(const adref::Op& op, const AdaProblem<T>& pr, const std::vector
       const double c = static_cast<double>(adref::shift_at(op, c2, r, i, n, per));
       if (!y.empty())
         my.check(static_cast<double>(y[j]), want(yr, other ? &other->y : nullptr, j),
-                 k2 * ada_fwd_tol<T>(op, ri.z[i], ri.zmax, m, c, pr.n), j, "y");
+                 k2 * ada_fwd_tol<T>(op, ri.z[i], ri.zmax, m, c, pr.n, ri.xe), j, "y");
       const double ady = std::fabs(static_cast<double>(pr.dy[j]));
       // |g| bound: AdaNorm's factor C (1 - k z) or C (1 - 2 k z) is at most |C| (1 + 2|k|
       // (|z| + max|z|)) including its perturbation by z's error; otherwise |dy m|.
@@ -264,14 +274,14 @@ void compare_ada(const adref::Op& op, const AdaProblem<T>& pr, const std::vector
                  : ady * std::fabs(m);
       if (!d1r.empty()) {
         const std::size_t c_i = adref::cond_index(op, r, i, n, per);
-        t1[c_i] += ady * (e * std::fabs(ri.z[i]) + en * ri.zmax);
+        t1[c_i] += ady * (e * std::fabs(ri.z[i]) + en * ri.zmax + ri.xe.at(ri.z[i]));
         s1[c_i] += ady * std::fabs(ri.z[i]);
         s2[c_i] += ady;
       }
     }
     if (!rstd.empty())
       ms.check(static_cast<double>(rstd[r]),
-               other ? static_cast<double>(other->rstd[r]) : ri.rstd, k2 * (eT + en) * ri.rstd, r,
+               other ? static_cast<double>(other->rstd[r]) : ri.rstd, k2 * (eT + en + ri.xe.xr) * ri.rstd, r,
                "rstd");
     if (!dx.empty()) {
       const DxTol<T> tol(ri, G);
@@ -552,7 +562,7 @@ void check_res_backward(const Op& o, const ResProblem<T>& rp, const ResGrad<T>& 
   adref::residual_backward(o.rop, with_ds ? rp.ds.data() : static_cast<const T*>(nullptr),
                            rp.pr.dy.data(), s, rows, n, rp.pr.gamma.data(), rp.alpha, gr, dxr, drr,
                            dgr, dbr);
-  const auto info = row_info(o.rop.eps, o.rop.center, s, rows, n);
+  const auto info = row_info(o.rop.eps, o.rop.center, s, rows, n, false);
   const double eT = nt::eps_of<T>(), a = std::fabs(rp.alpha);
   Mismatch mx, mr;
   std::vector<double> G(n);
@@ -938,7 +948,7 @@ TEMPLATE_TEST_CASE("Adaptive LayerNorm: element-wise with broadcast gamma, beta 
       sw += static_cast<LD>(a.d1[j]);
       sb += static_cast<LD>(a.d2[j]);
       const double ady = std::fabs(static_cast<double>(pr.dy[j])), z = std::fabs(info[r].z[i]);
-      tw += ady * (8 * eT * z + en * info[r].zmax);
+      tw += ady * (8 * eT * z + en * info[r].zmax + info[r].xe.at(z));
       sdz += ady * z;
       sdy += ady;
     }
@@ -980,7 +990,7 @@ TEMPLATE_TEST_CASE("Fused residual: r = 0, alpha = 1 is the plain norm of x",
         const double g = static_cast<double>(ref::scale_of(o.rop, rp.pr.gamma.data(), i));
         const double bt = o.rop.shift ? static_cast<double>(rp.pr.beta[i]) : 0.0;
         m.check(static_cast<double>(f.y[j]), static_cast<double>(y[j]),
-                2 * nt::fwd_tol<T>(info[r].z[i], info[r].zmax, g, bt, n), j, "residual y vs norm(x)");
+                2 * nt::fwd_tol<T>(info[r].z[i], info[r].zmax, g, bt, n, info[r].xe), j, "residual y vs norm(x)");
       }
       INFO(m.first);
       CHECK(m.count == 0);

@@ -348,14 +348,15 @@ Result<T> run(const Chan<T, Isa>& op, const ChanProblem<T>& pr, const Buffer<T>&
 //
 // typical = true replaces n by sqrt(n) in the double terms: the random-walk growth of
 // rounding in a long sum (Eigen's sqrt(n) epsilon convention), for the large groups.
-// Float statistics (include/normkit/detail/channel_kernels.hpp, blocked_sums): the terms
+// Float statistics (include/normkit/detail/row_kernels.hpp, blocked_sums): the terms
 // d = x - x0 (x0: the lower median of the group's first 5 elements in (n, c, m) order,
-// or of a shard's: channel_norm.hpp group_shift) are rounded once in float and
-// summed in float trees of up to 8 terms (depth 3) before the double accumulation. Each
-// term thus carries at most 4 roundings of u = eps_f / 2 = 2 eps_f in all, so, with
-// dm = mean |x - x0| and d2 = mean (x - x0)^2 over the group:
-//   |error of mean| <= 2 eps_f dm,
-//   |error of var|  <= 2 eps_f (d2 + 2 |mean - x0| dm)   (var = mean d^2 - (mean d)^2).
+// or of a shard's: channel_norm.hpp group_shift) are rounded once in float (u = eps_f / 2)
+// and summed in float trees of up to 16 terms (depth 4; channels last: 4 rows, depth 2)
+// before the double accumulation: a sum term carries at most 5 roundings of u, a
+// square 7 (2 from d, its product, the pair's fma, 3 adds). So, with dm = mean |x - x0|
+// and d2 = mean (x - x0)^2 over the group (as nt::float_stats_err for the row norms):
+//   |error of mean| <= 5 u dm,
+//   |error of var|  <= 7 u d2 + 10 u |mean - x0| dm   (var = mean d^2 - (mean d)^2).
 // Double data is summed exactly in double: no such term. worst: the bound over every
 // possible x0 in the group (shards of a batch each shift by their own first element).
 struct TreeErr {
@@ -402,8 +403,9 @@ std::vector<TreeErr> tree_err(const ref::ChanNorm& r, const ref::ChanShape& s,
     if (cnt[k] == 0) continue;
     dm[k] /= cnt[k];
     d2[k] /= cnt[k];
-    out[k].mean = 2 * eT * dm[k];
-    out[k].var = 2 * eT * (d2[k] + 2 * std::fabs(Dl(st.mean[k]) - x0[k]) * dm[k]);
+    const double u = eT / 2;
+    out[k].mean = 5 * u * dm[k];
+    out[k].var = 7 * u * d2[k] + 10 * u * std::fabs(Dl(st.mean[k]) - x0[k]) * dm[k];
   }
   return out;
 }

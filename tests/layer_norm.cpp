@@ -120,6 +120,25 @@ TEST_CASE("LayerNorm: x = 1e4 + 1e-2 randn(768) in float is within 1e-4 of doubl
   nt::compare_backward(o, pr, dx.data(), dg.data(), db.data(), "large mean backward");
 }
 
+TEST_CASE("LayerNorm: a row whose first elements are outliers takes the exact sums",
+          "[layer_norm][numerics]") {
+  // The float trees shift by the median of the first 5 elements; with 3 of them at 1e3
+  // and the rest N(0, 1), the shift is 16 standard deviations from the mean, where the
+  // trees' bound allows var an error of 1e-4 relative. The guard (more than 2 sigma off:
+  // untrusted) sends the row to exact double sums: held to the exact bound (no tree
+  // term), which the trees would miss a hundredfold.
+  const Index n = 768, rows = 3;
+  nt::Problem<float> pr({n, rows}, 1, 0, 5, 0.0, 1.0);
+  for (Index r = 0; r < rows; ++r)
+    for (Index i : {0, 2, 3}) pr.x[static_cast<std::size_t>(r * n + i)] = 1e3f * static_cast<float>(r + 1);
+  Buffer<float> y(pr.x.n, 0);
+  const CMap<float, 1, Eigen::ColMajor> g(pr.gamma.data(), n), b(pr.beta.data(), n);
+  const LN<float> o(1, 1e-5, AffineMode::ScaleShift);
+  auto s = o.forward(CMap<float, 2, Eigen::RowMajor>(pr.x.data(), rows, n), normkit::affine(g, b),
+                     nt::Map<float, 2, Eigen::RowMajor>(y.data(), rows, n));
+  nt::compare_forward(o, pr, pr.x.data(), y.data(), s, "outlier shift sample", false);
+}
+
 TEMPLATE_TEST_CASE("LayerNorm: |x| ~ 1e20 and ~ 1e-25 give finite, correct results",
                    "[layer_norm][numerics]", float, double) {
   // float: x^2 overflows (1e40 > 3.4e38) or underflows (1e-50 < 1.4e-45). Double data is

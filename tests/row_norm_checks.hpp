@@ -134,21 +134,69 @@ auto make_affine_any(const Op& o, const G& g, const G& b) -> normkit::Affine<typ
 // (x - mean_hi) - mean_lo (2), * rstd (1, plus rstd's own rounding), * gamma + beta (1):
 // |dy| <= 8 eps_T (|xhat| |s|) + 2 eps_T |beta|. Double data accumulates n terms in
 // double, adding n eps_d relative to the row's largest |xhat|.
+//
+// Float rows take their statistics from float trees (kernels::blocked_sums,
+// blocked_sum_squares: README "Numerics"): with d = x - x0 (x0 the lower median of the
+// row's first 5 elements), d is rounded once in float (u = eps_f / 2), then 4 adds of a
+// tree of 16 round each sum term: 5 u. A square carries 2 u from d, its product's
+// rounding, the pair's fma and 3 tree adds: 7 u. Over the row, with dm = mean |d| and
+// d2 = mean d^2:
+//   |error of mean| <= 5 u dm,  |error of var| <= 7 u d2 + 10 u |mean - x0| dm.
+// In xhat units (XhatErr): xhat_i is off by xm + |xhat_i| xr more, xm = err(mean) rstd
+// and xr = err(rstd) / rstd <= err(var) rstd^2 / 2, which is also rstd's relative error.
+// Rows whose fast sums are not trusted take exact double sums: smaller errors, the same
+// bounds hold. Double rows: zero.
+struct XhatErr {
+  double xm = 0, xr = 0;
+  double at(double xhat) const { return xm + std::fabs(xhat) * xr; }
+};
+
 template <class T>
-double fwd_tol(double xhat, double xhat_max, double s, double beta, Index n) {
-  return (8 * eps_of<T>() * std::fabs(xhat) + 4 * static_cast<double>(n) * DBL_EPSILON * xhat_max) *
+XhatErr float_stats_err(const ref::RowNorm& op, const T* x, std::size_t n) {
+  XhatErr e;
+  if (!std::is_same<T, float>::value || n == 0) return e;
+  const auto st = ref::stats(op, x, n);
+  const double u = eps_of<T>() / 2, rstd = static_cast<double>(st.rstd);
+  if (!op.center) {
+    // RMSNorm: squares of exact x, 5 roundings each (product, fma, 3 adds): 5 u of the
+    // mean square, so at most 2.5 u of rstd (either eps placement).
+    e.xr = 2.5 * u;
+    return e;
+  }
+  std::vector<double> first;
+  for (std::size_t i = 0; i < n && i < 5; ++i) first.push_back(static_cast<double>(x[i]));
+  std::sort(first.begin(), first.end());
+  const double x0 = first[(first.size() - 1) / 2], mean = static_cast<double>(st.mean);
+  double dm = 0, d2 = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - x0;
+    dm += std::fabs(d);
+    d2 += d * d;
+  }
+  dm /= static_cast<double>(n);
+  d2 /= static_cast<double>(n);
+  e.xm = 5 * u * dm * rstd;
+  e.xr = 0.5 * (7 * u * d2 + 10 * u * std::fabs(mean - x0) * dm) * rstd * rstd;
+  return e;
+}
+
+template <class T>
+double fwd_tol(double xhat, double xhat_max, double s, double beta, Index n, XhatErr xe = {}) {
+  return (8 * eps_of<T>() * std::fabs(xhat) + 4 * static_cast<double>(n) * DBL_EPSILON * xhat_max +
+          xe.at(xhat)) *
              std::fabs(s) +
          2 * eps_of<T>() * std::fabs(beta);
 }
 
 template <class Op, class T>
 void compare_forward(const Op& o, const Problem<T>& pr, const T* x, const T* y,
-                     const normkit::RowStats<T>& st, const char* what) {
+                     const normkit::RowStats<T>& st, const char* what, bool trees = true) {
   std::vector<LD> yref;
   const auto n = static_cast<std::size_t>(pr.n), rows = static_cast<std::size_t>(pr.rows);
   auto rs = ref::forward(o.rop, x, rows, n, pr.gamma.data(), pr.beta.data(), yref);
   Mismatch mm, ms;
   for (std::size_t r = 0; r < rows; ++r) {
+    const XhatErr xe = trees ? float_stats_err(o.rop, x + r * n, n) : XhatErr{};
     double xmax = 0;
     std::vector<double> xh(n);
     for (std::size_t i = 0; i < n; ++i) {
@@ -159,13 +207,13 @@ void compare_forward(const Op& o, const Problem<T>& pr, const T* x, const T* y,
       const double s = static_cast<double>(ref::scale_of(o.rop, pr.gamma.data(), i));
       const double b = o.rop.shift ? static_cast<double>(pr.beta[i]) : 0.0;
       mm.check(static_cast<double>(y[r * n + i]), static_cast<double>(yref[r * n + i]),
-               fwd_tol<T>(xh[i], xmax, s, b, pr.n), r * n + i, what);
+               fwd_tol<T>(xh[i], xmax, s, b, pr.n, xe), r * n + i, what);
     }
     // rstd rounds once to T after a double computation; mean_hi + mean_lo holds the mean
     // to about eps_T^2, plus n eps_d of the spread from the accumulation.
     const double rstd_ref = static_cast<double>(rs[r].rstd);
     ms.check(static_cast<double>(st.rstd(static_cast<Index>(r))), rstd_ref,
-             (eps_of<T>() + 4 * static_cast<double>(n) * DBL_EPSILON) * rstd_ref, r, "rstd");
+             (eps_of<T>() + 4 * static_cast<double>(n) * DBL_EPSILON + xe.xr) * rstd_ref, r, "rstd");
     if (o.rop.center) {
       const double m = static_cast<double>(st.mean(static_cast<Index>(r))) +
                        static_cast<double>(st.mean_lo(static_cast<Index>(r)));
@@ -173,7 +221,8 @@ void compare_forward(const Op& o, const Problem<T>& pr, const T* x, const T* y,
       const double spread = rstd_ref > 0 ? xmax / rstd_ref : 0.0;
       ms.check(m, mref,
                (2 * eps_of<T>() * eps_of<T>() + 4 * static_cast<double>(n) * DBL_EPSILON) *
-                   (std::fabs(mref) + spread),
+                       (std::fabs(mref) + spread) +
+                   (rstd_ref > 0 ? xe.xm / rstd_ref : 0.0),
                r, "mean");
     }
   }
@@ -189,6 +238,9 @@ void compare_forward(const Op& o, const Problem<T>& pr, const T* x, const T* y,
 // dgamma_j = sum_r dy xhat: each term is off by |dy| times xhat's error (8 eps_T |xhat| +
 // 4 n eps_d max|xhat|, as in forward), and the double sum over rows adds 4 rows eps_d.
 // dbeta_j = sum_r dy: one rounding of T plus the double sum.
+// Float statistics (XhatErr): the saved rstd is off by xr relative, on every term of dx,
+// and xhat by xm + |xhat| xr, in the xhat mean(g xhat) term and inside mean(g xhat)
+// (<= xm mean|g| + xr mean|g xhat|); each dgamma term by |dy| (xm + |xhat| xr).
 template <class Op, class T>
 void compare_backward(const Op& o, const Problem<T>& pr, const std::common_type_t<T>* dx,
                       const std::common_type_t<T>* dg, const std::common_type_t<T>* db,
@@ -201,6 +253,7 @@ void compare_backward(const Op& o, const Problem<T>& pr, const std::common_type_
   std::vector<double> tol_g(n, 0.0), sdy(n, 0.0), sgx(n, 0.0);
   for (std::size_t r = 0; r < rows; ++r) {
     const auto st = ref::stats(o.rop, pr.x.data() + r * n, n);
+    const XhatErr xe = float_stats_err(o.rop, pr.x.data() + r * n, n);
     const double rstd = static_cast<double>(st.rstd);
     std::vector<double> g(n), xh(n);
     double mg_abs = 0, mgx_abs = 0, xmax = 0;
@@ -214,7 +267,7 @@ void compare_backward(const Op& o, const Problem<T>& pr, const std::common_type_
     }
     for (std::size_t i = 0; i < n; ++i) {
       const double ady = std::fabs(static_cast<double>(pr.dy[r * n + i]));
-      tol_g[i] += ady * (e * std::fabs(xh[i]) + en * xmax);
+      tol_g[i] += ady * (e * std::fabs(xh[i]) + en * xmax + xe.at(xh[i]));
       sgx[i] += ady * std::fabs(xh[i]);
       sdy[i] += ady;
     }
@@ -223,7 +276,10 @@ void compare_backward(const Op& o, const Problem<T>& pr, const std::common_type_
       for (std::size_t i = 0; i < n; ++i)
         mx.check(static_cast<double>(dx[r * n + i]), static_cast<double>(dxr[r * n + i]),
                  rstd * (e * (std::fabs(g[i]) + mg_abs + k * (std::fabs(xh[i]) + 1) * mgx_abs) +
-                         en * (std::fabs(g[i]) + mg_abs + k * (std::fabs(xh[i]) + xmax) * mgx_abs)),
+                         en * (std::fabs(g[i]) + mg_abs + k * (std::fabs(xh[i]) + xmax) * mgx_abs) +
+                         xe.xr * (std::fabs(g[i]) + mg_abs + k * std::fabs(xh[i]) * mgx_abs) +
+                         k * (xe.at(xh[i]) * mgx_abs +
+                              std::fabs(xh[i]) * (xe.xm * mg_abs + xe.xr * mgx_abs))),
                  r * n + i, "dx");
   }
   const double er = 4 * static_cast<double>(rows) * DBL_EPSILON;
@@ -385,6 +441,8 @@ void twin(const OpBest& best, const OpScalar& scal, std::uint64_t seed) {
                              pr.gamma.data(), pr.beta.data(), yref);
       Mismatch m;
       for (std::size_t r = 0; r < 2; ++r) {
+        const XhatErr xe = float_stats_err(best.rop, pr.x.data() + r * static_cast<std::size_t>(n),
+                                           static_cast<std::size_t>(n));
         double xmax = 0;
         for (Index i = 0; i < n; ++i)
           xmax = std::max(xmax, std::fabs(static_cast<double>(
@@ -394,7 +452,7 @@ void twin(const OpBest& best, const OpScalar& scal, std::uint64_t seed) {
           const double xh = static_cast<double>((static_cast<LD>(pr.x[j]) - rs[r].mean) * rs[r].rstd);
           const double s = static_cast<double>(ref::scale_of(best.rop, pr.gamma.data(), i));
           m.check(static_cast<double>(y1[j]), static_cast<double>(y2[j]),
-                  2 * fwd_tol<T>(xh, xmax, s, best.rop.shift ? static_cast<double>(pr.beta[i]) : 0.0, n),
+                  2 * fwd_tol<T>(xh, xmax, s, best.rop.shift ? static_cast<double>(pr.beta[i]) : 0.0, n, xe),
                   j, "y twin");
         }
       }

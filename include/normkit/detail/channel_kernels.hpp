@@ -67,7 +67,7 @@ Index stream_head(const T* y, Index n) {
 // y may be x.
 template <class Isa, class T, bool Vec, bool Stream, bool Prescale>
 inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, const T* A,
-                       const T* B, const Prefetch& pf = {}) {
+                       const T* B, Prefetch pf = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
@@ -99,8 +99,8 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, con
 // when rstd is far from 1. dx may be dy or x.
 template <class Isa, class T, bool Vec, bool Stream, bool UseX, bool Prescale = false>
 inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* pre,
-                   const T* A, const T* Cx, const T* D, const Prefetch& pf = {},
-                   const Prefetch& pf2 = {}) {
+                   const T* A, const T* Cx, const T* D, Prefetch pf = {},
+                   Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
@@ -250,7 +250,7 @@ inline void dx_rows_kernel(const T* dy, const T* x, T* dx, Index rows, Index ld,
 // term, against the one of each product dy * xc).
 template <class Isa, class T>
 inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sdy,
-                              double& sdyx, const Prefetch& pf = {}, const Prefetch& pf2 = {}) {
+                              double& sdyx, Prefetch pf = {}, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using V = typename P::V;
@@ -298,76 +298,6 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sd
   }
   sdy = A::reduce(a1[0]) + t1;
   sdyx = A::reduce(a2[0]) + t2;
-}
-
-// The fast form of the statistics of float data: d = x - shift in float, then trees of
-// 8 (segments) or 4 (columns) terms d and d*d summed in float, widened, and accumulated
-// in double. Each tree adds at most 3 roundings of 2^-24 to its terms, so the
-// relative error of the sums stays near float's rounding of d itself, while the
-// double work falls from 4 operations per element to 4 per tree. Valid while no d*d
-// overflows or underflows float: the caller checks the result (blocked_sums_trusted) and
-// takes the exact double kernels otherwise.
-template <class Isa, class T>
-inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
-                         const Prefetch& pf = {}) {
-  using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
-  using V = typename P::V;
-  constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = static_cast<int>(P::W / A::W);
-  constexpr int B = 8;
-  typename A::V as[K], aq[K];
-  for (int k = 0; k < K; ++k) as[k] = aq[k] = A::zero();
-  auto flush = [&](V ts, V tq) {
-    int k = 0;
-    P::widen(ts, [&](typename A::V v) { as[k] = A::add(as[k], v); ++k; });
-    k = 0;
-    P::widen(tq, [&](typename A::V v) { aq[k] = A::add(aq[k], v); ++k; });
-  };
-  const V vs = P::set1(shift);
-  Index i = 0;
-  for (; i + B * W <= n; i += B * W) {
-    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V d[B], t[B / 2], q[B / 2];
-    for (int b = 0; b < B; ++b) d[b] = P::sub(P::load(x + i + b * W), vs);
-    for (int b = 0; b < B / 2; ++b) {
-      t[b] = P::add(d[2 * b], d[2 * b + 1]);
-      q[b] = P::fmadd(d[2 * b + 1], d[2 * b + 1], P::mul(d[2 * b], d[2 * b]));
-    }
-    t[0] = P::add(P::add(t[0], t[1]), P::add(t[2], t[3]));
-    q[0] = P::add(P::add(q[0], q[1]), P::add(q[2], q[3]));
-    flush(t[0], q[0]);
-  }
-  for (; i + W <= n; i += W) {
-    const V d = P::sub(P::load(x + i), vs);
-    flush(d, P::mul(d, d));
-  }
-  double ts = 0.0, tq = 0.0;
-  for (; i < n; ++i) {
-    const T d = x[i] - shift;
-    ts += static_cast<double>(d);
-    tq += static_cast<double>(d * d);
-  }
-  for (int k = 1; k < K; ++k) {
-    as[0] = A::add(as[0], as[k]);
-    aq[0] = A::add(aq[0], aq[k]);
-  }
-  s = A::reduce(as[0]) + ts;
-  s2 = A::reduce(aq[0]) + tq;
-}
-
-// Whether blocked sums over `count` elements can be trusted: finite (no square or tree
-// overflowed T, no NaN or Inf in the data); a mean square far above T's underflow
-// (squares that underflowed then weigh less than 2^-30 of the total); and a shift within
-// two standard deviations of the mean, delta^2 <= 4 var with delta = s / count: the
-// rounding of each term (4 roundings of T at most) reaches var magnified by
-// (var + delta^2) / var, at most 5 here.
-template <class T>
-inline bool blocked_sums_trusted(double s, double s2, double count) {
-  constexpr double kTiny = sizeof(T) <= sizeof(float) ? 0x1p-96 : 0x1p-960;
-  if (!(std::isfinite(s) && std::isfinite(s2) && s2 >= kTiny * count)) return false;
-  const double delta = s / count;
-  return delta * delta <= 4.0 * (s2 / count - delta * delta);
 }
 
 // Column form of blocked_sums over `rows` rows of C elements, ld apart, added to s and

@@ -297,20 +297,7 @@ T group_shift(const Geo& g, const T* x, Index s) {
   for (Index n = q.n0; n < q.n1 && k < kShiftSample; ++n)
     for (Index c = q.c0; c < q.c1 && k < kShiftSample; ++c)
       for (Index m = 0; m < g.M && k < kShiftSample; ++m) v[k++] = x[g.at(n, c, m)];
-  if (k == 0) return T(0);
-  if (k == 5) {
-    // Branch-free (on random data a sort mispredicts half its compares): neither the
-    // smallest nor the largest of v[0..3] can be the median of 5; the median of the three
-    // others and v[4] is.
-    const T f = std::max(std::min(v[0], v[1]), std::min(v[2], v[3]));
-    const T h = std::min(std::max(v[0], v[1]), std::max(v[2], v[3]));
-    return std::max(std::min(f, h), std::min(std::max(f, h), v[4]));
-  }
-  // Fewer: insertion sort, lower median. NaN compares false: any order is fine then, the
-  // group's sums are NaN anyway.
-  for (int i = 1; i < k; ++i)
-    for (int j = i; j > 0 && v[j] < v[j - 1]; --j) std::swap(v[j], v[j - 1]);
-  return v[(k - 1) / 2];
+  return kernels::median_of_5(v, k);
 }
 
 // Moments of statistic s, channels first: its elements are segments of M contiguous
@@ -640,7 +627,7 @@ BwdCoef<T> backward_coef(double rstd, double gamma, double mg, double mgx, T lo)
 // [c0, c1) with per-channel arrays a[0..4] = hi, pre, A, Cx, D (channels last).
 template <class Isa, class T, bool Stream, bool UseX>
 void dx_segment(const T* dy, const T* x, T* dx, Index n, const T& hi, const BwdCoef<T>& k,
-                const kernels::Prefetch& pf = {}, const kernels::Prefetch& pf2 = {}) {
+                kernels::Prefetch pf = {}, kernels::Prefetch pf2 = {}) {
   if (UseX && k.wide)
     kernels::dx_map<Isa, T, false, Stream, true, true>(dy, x, dx, n, &hi, &k.pre, &k.a, &k.cx,
                                                         &k.d, pf, pf2);
@@ -714,7 +701,7 @@ void update_running(const Spec& spec, const Running<T>& run, const Geo& g,
 
 template <class Isa, class T, bool Stream>
 void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
-                       const kernels::Prefetch& pf = {}) {
+                       kernels::Prefetch pf = {}) {
   if (k.wide)
     kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.pre, &k.a, &k.b, pf);
   else

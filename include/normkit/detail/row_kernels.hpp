@@ -9,9 +9,11 @@
 // widening is one conversion per 8 floats and the kernels are bound by memory, not FMAs.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 namespace normkit {
 namespace detail {
@@ -35,23 +37,33 @@ constexpr int kUnroll = 2;
 // BatchNorm channel is N segments spread over memory; a row norm goes from one row's
 // statistics to its normalize pass), the hardware prefetcher would restart cold at each
 // segment and the loads would wait for memory's latency. Empty (p == nullptr): nothing.
+// to_l2: into L2 only (prefetcht1), for data a later pass reads, not the next loads.
 struct Prefetch {
   const char* p = nullptr;
   std::size_t bytes = 0;
+  bool to_l2 = false;
   Prefetch() = default;
   template <class T>
-  Prefetch(const T* q, Index n) : p(reinterpret_cast<const char*>(q)),
-                                  bytes(q ? static_cast<std::size_t>(n) * sizeof(T) : 0) {}
+  Prefetch(const T* q, Index n, bool l2 = false)
+      : p(reinterpret_cast<const char*>(q)),
+        bytes(q ? static_cast<std::size_t>(n) * sizeof(T) : 0),
+        to_l2(l2) {}
   // The lines of [off, off + step) bytes, each once.
   template <std::size_t Step>
   void at(std::size_t off) const {
     if (!p) return;
     if (Step < 64) {
-      if (off % 64 < Step && off < bytes) __builtin_prefetch(p + off, 0, 3);
+      if (off % 64 < Step && off < bytes) line(off);
     } else {
       for (std::size_t o = 0; o < Step; o += 64)
-        if (off + o < bytes) __builtin_prefetch(p + off + o, 0, 3);
+        if (off + o < bytes) line(off + o);
     }
+  }
+  void line(std::size_t off) const {
+    if (to_l2)
+      __builtin_prefetch(p + off, 0, 2);
+    else
+      __builtin_prefetch(p + off, 0, 3);
   }
 };
 
@@ -70,7 +82,7 @@ struct ShiftScale {
 // scale is a power of two (exact); shift is subtracted with one rounding.
 template <class Isa, class T, bool Unit>
 inline void shifted_sums_impl(const T* x, Index n, double scale, double shift, double& s,
-                              double& s2, const Prefetch& pf) {
+                              double& s2, Prefetch pf) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   constexpr Index W = static_cast<Index>(P::W);
@@ -119,7 +131,7 @@ inline void shifted_sums_impl(const T* x, Index n, double scale, double shift, d
 
 template <class Isa, class T>
 inline void shifted_sums(const T* x, Index n, double scale, double shift, double& s,
-                         double& s2, const Prefetch& pf = {}) {
+                         double& s2, Prefetch pf = {}) {
   if (scale == 1.0)
     shifted_sums_impl<Isa, T, true>(x, n, scale, shift, s, s2, pf);
   else
@@ -128,7 +140,7 @@ inline void shifted_sums(const T* x, Index n, double scale, double shift, double
 
 // sum_i (x_i * scale - shift), in double.
 template <class Isa, class T, bool Unit>
-inline double sum_impl(const T* x, Index n, double scale, double shift, const Prefetch& pf) {
+inline double sum_impl(const T* x, Index n, double scale, double shift, Prefetch pf) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   constexpr Index W = static_cast<Index>(P::W);
@@ -161,7 +173,7 @@ inline double sum_impl(const T* x, Index n, double scale, double shift, const Pr
 }
 
 template <class Isa, class T>
-inline double sum(const T* x, Index n, double scale, double shift, const Prefetch& pf = {}) {
+inline double sum(const T* x, Index n, double scale, double shift, Prefetch pf = {}) {
   return scale == 1.0 ? sum_impl<Isa, T, true>(x, n, scale, shift, pf)
                       : sum_impl<Isa, T, false>(x, n, scale, shift, pf);
 }
@@ -202,6 +214,142 @@ inline double sum_squares(const T* x, Index n, double scale) {
   }
   for (int k = 1; k < K; ++k) a[0] = A::add(a[0], a[k]);
   return A::reduce(a[0]) + t;
+}
+
+// The fast form of the statistics of float data: d = x - shift in float, then trees of
+// 16 (segments) or 4 (columns) terms d and d*d summed in float, widened, and accumulated
+// in double. Each tree adds at most 4 roundings of 2^-24 to its terms, so the
+// relative error of the sums stays near float's rounding of d itself, while the
+// double work falls from 4 operations per element to 4 per tree. Valid while no d*d
+// overflows or underflows float: the caller checks the result (blocked_sums_trusted) and
+// takes the exact double kernels otherwise. Trees of 8 measured 15% slower in L1 (the
+// widening and the double adds are a third of the work there), and that showed once
+// the row norms overlapped memory with it: 0.75 of the copy roofline against 0.89.
+template <class Isa, class T>
+inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
+                         Prefetch pf = {}) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  constexpr int B = 16;
+  typename A::V as[K], aq[K];
+  for (int k = 0; k < K; ++k) as[k] = aq[k] = A::zero();
+  auto flush = [&](V ts, V tq) {
+    int k = 0;
+    P::widen(ts, [&](typename A::V v) { as[k] = A::add(as[k], v); ++k; });
+    k = 0;
+    P::widen(tq, [&](typename A::V v) { aq[k] = A::add(aq[k], v); ++k; });
+  };
+  const V vs = P::set1(shift);
+  Index i = 0;
+  for (; i + B * W <= n; i += B * W) {
+    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    V t[B / 2], q[B / 2];
+    for (int b = 0; b < B / 2; ++b) {
+      const V u = P::sub(P::load(x + i + 2 * b * W), vs);
+      const V v = P::sub(P::load(x + i + (2 * b + 1) * W), vs);
+      t[b] = P::add(u, v);
+      q[b] = P::fmadd(v, v, P::mul(u, u));
+    }
+    for (int w = B / 4; w >= 1; w /= 2)
+      for (int b = 0; b < w; ++b) {
+        t[b] = P::add(t[b], t[b + w]);
+        q[b] = P::add(q[b], q[b + w]);
+      }
+    flush(t[0], q[0]);
+  }
+  for (; i + W <= n; i += W) {
+    const V d = P::sub(P::load(x + i), vs);
+    flush(d, P::mul(d, d));
+  }
+  double ts = 0.0, tq = 0.0;
+  for (; i < n; ++i) {
+    const T d = x[i] - shift;
+    ts += static_cast<double>(d);
+    tq += static_cast<double>(d * d);
+  }
+  for (int k = 1; k < K; ++k) {
+    as[0] = A::add(as[0], as[k]);
+    aq[0] = A::add(aq[0], aq[k]);
+  }
+  s = A::reduce(as[0]) + ts;
+  s2 = A::reduce(aq[0]) + tq;
+}
+
+// Whether blocked sums over `count` elements can be trusted: finite (no square or tree
+// overflowed T, no NaN or Inf in the data); a mean square far above T's underflow
+// (squares that underflowed then weigh less than 2^-30 of the total); and a shift within
+// two standard deviations of the mean, delta^2 <= 4 var with delta = s / count: the
+// rounding of each term (5 roundings of T at most) reaches var magnified by
+// (var + delta^2) / var, at most 5 here.
+template <class T>
+inline bool blocked_sums_trusted(double s, double s2, double count) {
+  constexpr double kTiny = sizeof(T) <= sizeof(float) ? 0x1p-96 : 0x1p-960;
+  if (!(std::isfinite(s) && std::isfinite(s2) && s2 >= kTiny * count)) return false;
+  const double delta = s / count;
+  return delta * delta <= 4.0 * (s2 / count - delta * delta);
+}
+
+// sum_i x_i^2 for float data: squares in float, in trees of 16 packets as blocked_sums,
+// widened and accumulated in double. Valid while no square or tree overflows or
+// underflows float: the caller checks the result (blocked_sums_trusted with s = 0) and
+// takes sum_squares otherwise.
+template <class Isa, class T>
+inline double blocked_sum_squares(const T* x, Index n, Prefetch pf = {}) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  constexpr int B = 16;
+  typename A::V aq[K];
+  for (int k = 0; k < K; ++k) aq[k] = A::zero();
+  auto flush = [&](V tq) {
+    int k = 0;
+    P::widen(tq, [&](typename A::V v) { aq[k] = A::add(aq[k], v); ++k; });
+  };
+  Index i = 0;
+  for (; i + B * W <= n; i += B * W) {
+    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    V q[B / 2];
+    for (int b = 0; b < B / 2; ++b) {
+      const V u = P::load(x + i + 2 * b * W), v = P::load(x + i + (2 * b + 1) * W);
+      q[b] = P::fmadd(v, v, P::mul(u, u));
+    }
+    for (int w = B / 4; w >= 1; w /= 2)
+      for (int b = 0; b < w; ++b) q[b] = P::add(q[b], q[b + w]);
+    flush(q[0]);
+  }
+  for (; i + W <= n; i += W) {
+    const V v = P::load(x + i);
+    flush(P::mul(v, v));
+  }
+  double tq = 0.0;
+  for (; i < n; ++i) tq += static_cast<double>(x[i] * x[i]);
+  for (int k = 1; k < K; ++k) aq[0] = A::add(aq[0], aq[k]);
+  return A::reduce(aq[0]) + tq;
+}
+
+// The lower median of v[0 .. k), k <= 5, reordering v: the shift of the float-blocked
+// sums (a member of the data near its centre unless most of the sample are outliers).
+template <class T>
+inline T median_of_5(T* v, int k) {
+  if (k <= 0) return T(0);
+  if (k == 5) {
+    // Branch-free (on random data a sort mispredicts half its compares): neither the
+    // smallest nor the largest of v[0..3] can be the median of 5; the median of the three
+    // others and v[4] is.
+    const T f = std::max(std::min(v[0], v[1]), std::min(v[2], v[3]));
+    const T h = std::min(std::max(v[0], v[1]), std::max(v[2], v[3]));
+    return std::max(std::min(f, h), std::min(std::max(f, h), v[4]));
+  }
+  // Fewer: insertion sort, lower median. NaN compares false: any order is fine then, the
+  // sums are NaN anyway.
+  for (int i = 1; i < k; ++i)
+    for (int j = i; j > 0 && v[j] < v[j - 1]; --j) std::swap(v[j], v[j - 1]);
+  return v[(k - 1) / 2];
 }
 
 // a * b + c for the scalar paths, fused where the target has FMA (as the vector paths
@@ -257,9 +405,11 @@ struct Scale {
 // that aligns y to the packet size). y may be x (in place).
 // copy (the fused residual's s, built in a scratch row x): also written, x itself, with
 // the same kind of stores as y; it must share y's alignment.
+// pf: a later row, fetched into L2 one line per packet while this row is written (see
+// row_norm.hpp forward_rows).
 template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
-                      const T* beta, T* copy = nullptr) {
+                      const T* beta, T* copy = nullptr, Prefetch pf = {}) {
   using P = typename Isa::template Pack<T>;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
@@ -281,6 +431,7 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   const X xhat(r);
   const G scale{};
   for (; i + W <= n; i += W) {
+    pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     const typename P::V xv = P::load(x + i);
     typename P::V v = xhat(xv);
     if (S != ScaleKind::None) {
@@ -300,10 +451,11 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
 }
 
 // Backward, first pass over a row: sum_g = sum_i g_i and sum_gx = sum_i g_i * xhat_i,
-// with g = dy * scale, in double.
+// with g = dy * scale, in double. pf, pf2: prefetched at dy's and x's offsets.
 template <class Isa, class T, bool Center, ScaleKind S>
 inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
-                          const RowAffine<T>& r, double& sum_g, double& sum_gx) {
+                          const RowAffine<T>& r, double& sum_g, double& sum_gx,
+                          Prefetch pf = {}, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using X = Xhat<Isa, T, Center>;
@@ -319,6 +471,8 @@ inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
   const G scale{};
   Index i = 0;
   for (; i + W <= n; i += W) {
+    pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     typename P::V g = P::load(dy + i);
     if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
     typename P::V xh = xhat(P::load(x + i));
