@@ -394,11 +394,11 @@ void bwd_res(const RMS<T, Isa>& o, const DS& ds, const DY& dy, const S& s,
 // twin problem (same seed: the same gamma, beta, dy) whose x is that s, for the checks of
 // y = norm(s) and of dgamma, dbeta through nt::compare_forward / compare_backward.
 // s = alpha x + r as the backend under test rounds it (README "Fused residual"): once (an
-// fma) where the target has FMA, as every AVX2 and AVX-512 build; twice (alpha x, then + r)
-// in a scalar build without FMA, where a software fma would cost more than the op.
+// fma) where the target has FMA, as every AVX2, AVX-512 and aarch64 build; twice (alpha x,
+// then + r) in a scalar build without FMA, where a software fma would cost more than the op.
 template <class T>
 T residual_sum(T alpha, T x, T r) {
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
   return std::fma(alpha, x, r);
 #else
   volatile T ax = alpha * x;  // rounded on its own, whatever the compiler contracts
