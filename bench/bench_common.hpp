@@ -8,7 +8,14 @@
 //  - registration of benchmarks with metadata, a reporter that records every result
 //    (median of the repetitions) while the default display reporter prints as usual,
 //    and a main() that adds the --quick mode and prints the ratio-to-roofline table
-//    (a bench may supply its own targets and print further tables after it).
+//    (a bench may supply its own targets and print further tables after it);
+//  - comparisons with baselines (a baseline whose Meta names the normkit op it is
+//    compared with, e.g. oneDNN's LayerNorm against layer_norm): a speed-ratio table
+//    with its targets, and the record of the checks run before timing (the agreement of
+//    oneDNN's outputs with normkit's; a failed one makes the binary exit non-zero);
+//  - machine-readable metadata in --benchmark_out JSON files: every run's label
+//    holds key=value fields (op, kind, dir, shape, threads, bytes, target, vs, ...) that
+//    scripts/bench_report.py reads. The console output is unchanged.
 //
 // Byte counts (the bytes_per_second counter, and the roofline moving the same bytes):
 //   forward:  read x, write y            2 * rows * features * sizeof(float)
@@ -47,6 +54,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <map>
 #include <memory>
@@ -331,11 +339,19 @@ struct Meta {
   Dir dir;
   Shape shape;
   int threads;
+  // For a baseline: the normkit op it is compared with at the same direction, shape and
+  // thread count (e.g. "layer_norm" for "onednn_layer_norm"), and the target of normkit's
+  // speed ratio over it (<= 0 for none).
+  std::string vs = {};
+  double vs_target = -1.0;
 };
 
 struct Registry {
   std::vector<std::string> order;    // registration order
   std::map<std::string, Meta> meta;  // by benchmark function name
+  // Further key=value fields for a benchmark's label in --benchmark_out files, by name
+  // (e.g. "impl=simple_layer_normalization:any"), set while it runs.
+  std::map<std::string, std::string> extra_label;
 };
 
 inline Registry& registry() {
@@ -396,6 +412,57 @@ inline void register_rooflines(const Shape& s, int t) {
     Workspace& w = workspace(s);
     add_stream(w.x.data(), w.dy.data(), w.dx.data(), s.size(), t);
   });
+}
+
+// ---------------------------------------------------------------------------------
+// Checks run before timing whose failure must fail the binary (the agreement of another
+// library's outputs with normkit's): each records one line, printed after the summary;
+// run_main returns 1 if any failed.
+
+struct CheckRecord {
+  std::string bench;  // benchmark name
+  bool ok;
+  std::string detail;  // what was compared, the errors and tolerances
+};
+
+inline std::vector<CheckRecord>& check_records() {
+  static std::vector<CheckRecord> r;
+  return r;
+}
+
+// How a timed op uses threads: the CPU time of the process's other threads as a share of
+// the process's CPU time, and process CPU time / wall time, while op() runs repeatedly
+// for at least `seconds` of wall time and at least twice. The share is what shows that
+// a 1-thread run is single-threaded: the calling thread does all the work (~0), whereas
+// a second worker would take about half. Unlike CPU / wall time it does not depend on
+// how much of the (shared) machine the process gets.
+struct ThreadUse {
+  double helper_share = 0.0;
+  double cpu_per_wall = 0.0;
+};
+
+inline double clock_seconds(clockid_t id) {
+  timespec t{};
+  clock_gettime(id, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+template <class Op>
+ThreadUse measure_thread_use(Op&& op, double seconds) {
+  const double p0 = clock_seconds(CLOCK_PROCESS_CPUTIME_ID);
+  const double t0 = clock_seconds(CLOCK_THREAD_CPUTIME_ID);
+  const double w0 = clock_seconds(CLOCK_MONOTONIC);
+  double w1 = w0;
+  for (int calls = 0; calls < 2 || w1 - w0 < seconds; ++calls) {
+    op();
+    w1 = clock_seconds(CLOCK_MONOTONIC);
+  }
+  const double process = clock_seconds(CLOCK_PROCESS_CPUTIME_ID) - p0;
+  const double self = clock_seconds(CLOCK_THREAD_CPUTIME_ID) - t0;
+  ThreadUse u;
+  u.helper_share = process > 0.0 ? std::max(0.0, process - self) / process : 0.0;
+  u.cpu_per_wall = w1 > w0 ? process / (w1 - w0) : 0.0;
+  return u;
 }
 
 // ---------------------------------------------------------------------------------
@@ -467,6 +534,10 @@ inline double target_of(const Meta& m) {
   return dram ? 0.85 : 0.60;
 }
 
+// The Meta of the normkit kernel a baseline is compared with (m.vs at m's direction,
+// shape and thread count).
+inline Meta versus_of(const Meta& m) { return {m.vs, Kind::Kernel, m.dir, m.shape, m.threads}; }
+
 // What a bench may change in the summary.
 struct SummaryOptions {
   // A kernel's target ratio to the roofline, <= 0 for none. Default: target_of.
@@ -474,6 +545,53 @@ struct SummaryOptions {
   // Printed after the table (further comparisons between the results), if set.
   std::function<void(std::FILE*, const Collector&)> extra;
 };
+
+// normkit against the baselines that name a normkit op (Meta::vs), if any ran.
+inline void print_versus(std::FILE* out, const Collector& c) {
+  const Registry& reg = registry();
+  bool header = false;
+  for (const std::string& name : reg.order) {
+    const Meta& m = reg.meta.at(name);
+    if (m.vs.empty()) continue;
+    const double other = c.value(name), ours = c.value(bench_name(versus_of(m)));
+    if (other <= 0 && ours <= 0) continue;  // filtered out or skipped
+    if (!header) {
+      std::fprintf(out,
+                   "\nnormkit against the baselines: speedup = normkit GB/s / baseline GB/s "
+                   "(same direction, shape, threads and bytes)\n");
+      std::fprintf(out, "\n%-24s %-24s %-4s %-12s %3s %9s %9s %8s %7s\n", "op", "baseline", "dir",
+                   "shape", "thr", "GB/s", "base GB/s", "speedup", "target");
+      header = true;
+    }
+    std::fprintf(out, "%-24s %-24s %-4s %-12s %3d", m.vs.c_str(), m.op.c_str(), dir_str(m.dir),
+                 m.shape.str().c_str(), m.threads);
+    for (const double v : {ours, other}) {
+      if (v > 0)
+        std::fprintf(out, " %9.2f", v / 1e9);
+      else
+        std::fprintf(out, " %9s", "n/a");
+    }
+    const double tgt = m.vs_target;
+    if (ours > 0 && other > 0) {
+      std::fprintf(out, " %7.2fx", ours / other);
+      if (tgt > 0)
+        std::fprintf(out, " %6.1fx %s\n", tgt, ours / other >= tgt ? "ok" : "MISS");
+      else
+        std::fprintf(out, " %7s\n", "-");
+    } else {
+      std::fprintf(out, " %8s %7s\n", "n/a", "-");
+    }
+  }
+}
+
+// The checks recorded before timing (check_records()), if any.
+inline void print_checks(std::FILE* out) {
+  const std::vector<CheckRecord>& checks = check_records();
+  if (checks.empty()) return;
+  std::fprintf(out, "\nchecks run before timing (max |difference| against tolerance):\n\n");
+  for (const CheckRecord& r : checks)
+    std::fprintf(out, "%-4s %s: %s\n", r.ok ? "ok" : "FAIL", r.bench.c_str(), r.detail.c_str());
+}
 
 inline void print_summary(std::FILE* out, const Collector& c, const SummaryOptions& opt = {}) {
   const Registry& reg = registry();
@@ -554,9 +672,78 @@ inline void print_summary(std::FILE* out, const Collector& c, const SummaryOptio
     else
       std::fprintf(out, " %7s\n", "-");
   }
+  print_versus(out, c);
   if (opt.extra) opt.extra(out, c);
+  print_checks(out);
   std::fflush(out);
 }
+
+// ---------------------------------------------------------------------------------
+// Labels in --benchmark_out JSON files: key=value fields separated by spaces, for scripts
+// (scripts/bench_report.py). Values have no spaces.
+//   op=layer_norm kind=kernel dir=fwd shape=4096x4096 rows=4096 features=4096 threads=1
+//   bytes=134217728 seq=17 target=0.85
+//   op=onednn_layer_norm kind=baseline ... vs=layer_norm vs_target=2.0 impl=...
+//   op=copy_stream kind=roofline ...
+// bytes: per call (the bytes_per_second counter's numerator); seq: the registration order
+// (runs are interleaved at random in the file; this orders them as the summary table);
+// target: the kernel's target ratio to the roofline (absent if none); vs, vs_target: the
+// normkit op a baseline is compared with and the target of normkit's speed ratio over it
+// (absent if none); further fields from Registry::extra_label (oneDNN's: impl, the
+// implementation it picked, and helper_cpu, the other threads' share of its CPU time).
+
+inline const char* kind_str(Kind k) {
+  return k == Kind::Kernel ? "kernel" : k == Kind::Baseline ? "baseline" : "roofline";
+}
+
+inline std::string label_of(const std::string& name,
+                            const std::function<double(const Meta&)>& target) {
+  const Registry& reg = registry();
+  const auto it = reg.meta.find(name);
+  if (it == reg.meta.end()) return {};
+  const Meta& m = it->second;
+  char num[64];
+  std::string l = "op=" + m.op + " kind=" + kind_str(m.kind) + " dir=" + dir_str(m.dir) +
+                  " shape=" + m.shape.str() + " rows=" + std::to_string(m.shape.rows) +
+                  " features=" + std::to_string(m.shape.features) +
+                  " threads=" + std::to_string(m.threads) +
+                  " bytes=" + std::to_string(bytes_of(m.dir, m.shape));
+  const auto pos = std::find(reg.order.begin(), reg.order.end(), name);
+  l += " seq=" + std::to_string(pos - reg.order.begin());
+  if (const double t = target(m); t > 0) {
+    std::snprintf(num, sizeof num, "%.2f", t);
+    l += std::string(" target=") + num;
+  }
+  if (!m.vs.empty()) {
+    l += " vs=" + m.vs;
+    if (const double t = m.vs_target; t > 0) {
+      std::snprintf(num, sizeof num, "%.1f", t);
+      l += std::string(" vs_target=") + num;
+    }
+  }
+  const auto extra = reg.extra_label.find(name);
+  if (extra != reg.extra_label.end() && !extra->second.empty()) l += " " + extra->second;
+  return l;
+}
+
+// The JSON file reporter, labelling every run with label_of.
+class LabelledJsonReporter : public benchmark::JSONReporter {
+ public:
+  explicit LabelledJsonReporter(std::function<double(const Meta&)> target)
+      : target_(std::move(target)) {}
+
+  void ReportRuns(const std::vector<benchmark::BenchmarkReporter::Run>& runs) override {
+    std::vector<benchmark::BenchmarkReporter::Run> labelled = runs;
+    for (auto& r : labelled) {
+      const std::string l = label_of(r.run_name.function_name, target_);
+      if (!l.empty()) r.report_label = l;
+    }
+    JSONReporter::ReportRuns(labelled);
+  }
+
+ private:
+  std::function<double(const Meta&)> target_;
+};
 
 // ---------------------------------------------------------------------------------
 // main(): flags, run, summary.
@@ -569,12 +756,18 @@ inline void print_summary(std::FILE* out, const Collector& c, const SummaryOptio
 // and its roofline sample the same stretches of a shared machine's memory bandwidth
 // (which drifts by +-15% over minutes here) and their ratio is steadier. Flags given on
 // the command line come later and win.
+//
+// --benchmark_out=FILE (with --benchmark_out_format=json, the default) writes every run
+// with the labels above (other formats: Google Benchmark's own, without them). The exit
+// status is 1 if a check recorded in check_records() failed (the summary lists it).
 
 inline int run_main(int argc, char** argv, const std::function<void()>& register_all,
                     const SummaryOptions& summary = {}) {
   bool quick = false;
   if (const char* e = std::getenv("NORMKIT_BENCH_QUICK")) quick = e[0] != '\0' && e[0] != '0';
   bool console = true;
+  bool file_out = false;
+  std::string file_format = "json";
   std::vector<std::string> user;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -584,6 +777,9 @@ inline int run_main(int argc, char** argv, const std::function<void()>& register
     }
     if (a.rfind("--benchmark_format=", 0) == 0 && a != "--benchmark_format=console")
       console = false;
+    if (a.rfind("--benchmark_out=", 0) == 0) file_out = a.size() > std::strlen("--benchmark_out=");
+    if (a.rfind("--benchmark_out_format=", 0) == 0)
+      file_format = a.substr(std::strlen("--benchmark_out_format="));
     user.push_back(a);
   }
   std::vector<std::string> args{argv[0]};
@@ -607,11 +803,24 @@ inline int run_main(int argc, char** argv, const std::function<void()>& register
 
   register_all();
   Collector collector(benchmark::CreateDefaultDisplayReporter());
-  benchmark::RunSpecifiedBenchmarks(&collector);
+  const std::function<double(const Meta&)> target = summary.target ? summary.target : target_of;
+  std::unique_ptr<benchmark::BenchmarkReporter> file_reporter;
+  if (file_out && file_format == "json")
+    file_reporter = std::make_unique<LabelledJsonReporter>(target);
+  if (file_reporter)
+    benchmark::RunSpecifiedBenchmarks(&collector, file_reporter.get());
+  else
+    benchmark::RunSpecifiedBenchmarks(&collector);
   // The summary goes to stdout with the console format, to stderr otherwise (so that
   // JSON or CSV on stdout stays parseable).
   print_summary(console ? stdout : stderr, collector, summary);
   benchmark::Shutdown();
+  int failed = 0;
+  for (const CheckRecord& r : check_records()) failed += r.ok ? 0 : 1;
+  if (failed > 0) {
+    std::fprintf(stderr, "\nerror: %d check(s) run before timing FAILED (listed above)\n", failed);
+    return 1;
+  }
   return 0;
 }
 

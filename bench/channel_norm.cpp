@@ -21,6 +21,13 @@
 // After the runs, the roofline table (targets: single thread, channels-first) and a
 // table of channels-last against channels-first (CL/CF) are printed.
 //
+// Built with oneDNN (bench/CMakeLists.txt, NORMKIT_BENCH_ONEDNN), it also times oneDNN's
+// BatchNorm (onednn_batch_norm: training forward with batch statistics, backward with
+// dgamma and dbeta; NCHW, f32, scale and shift) on BatchNorm's shapes and thread counts,
+// against batch_norm_cf, with the checks of bench/onednn_check.hpp before timing, and
+// prints normkit's speed ratio over it (targets, single thread: >= 2x forward, >= 1.5x
+// backward). normkit's forward also updates running statistics (O(C)); oneDNN has none.
+//
 // Build (Release; the bench targets add -O3 -march=native):
 //   cd /work/main
 //   cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=OFF -DNORMKIT_BUILD_BENCH=ON
@@ -31,7 +38,8 @@
 //   build/bench/bench/bench_channel_norm           # 5 repetitions, default min_time
 //   build/bench/bench/bench_channel_norm --quick --benchmark_filter='group_norm_c./bwd/'
 // Any --benchmark_* flag works and overrides the mode's defaults. The tables use the
-// median of the repetitions.
+// median of the repetitions. --benchmark_out=FILE.json writes every run, labelled for
+// scripts/bench_report.py. Exit status 1 if a oneDNN check failed.
 // clang-format on
 #define EIGEN_USE_THREADS
 
@@ -42,6 +50,10 @@
 #include <normkit/batch_norm.hpp>
 #include <normkit/group_norm.hpp>
 #include <normkit/instance_norm.hpp>
+
+#ifdef NKBENCH_WITH_ONEDNN
+#include "onednn_check.hpp"
+#endif
 
 namespace {
 
@@ -270,9 +282,41 @@ void print_last_vs_first(std::FILE* out, const Collector& c) {
 }
 
 // ---------------------------------------------------------------------------------
+// oneDNN's BatchNorm (channels first), against batch_norm_cf.
+
+#ifdef NKBENCH_WITH_ONEDNN
+void add_onednn(const Nchw& d, int t, Dir dir) {
+  const Shape s = shape_of(d);
+  add_onednn_bench(
+      {"onednn_batch_norm", Kind::Baseline, dir, s, t, op_name(Op::Batch, ChannelFormat::First)},
+      NormLayout::nchw(d.n, d.c, d.spatial()), 1e-5,  // normkit's default eps
+      [d](const onednn::Buffers& b, int threads) {
+        return onednn::Norm::batch(d.n, d.c, d.h, d.w, 1e-5f, threads, b);
+      },
+      [d](Dir dr, std::vector<double>& mean, std::vector<double>& rstd) {
+        State st(Case{Op::Batch, d, ChannelFormat::First});
+        forward(st, 1);
+        if (dr == Dir::Bwd) backward(st, 1);
+        const normkit::RowStats<float>& saved = st.saved;
+        mean.resize(static_cast<std::size_t>(d.c));
+        rstd.resize(static_cast<std::size_t>(d.c));
+        for (Index c = 0; c < d.c; ++c) {
+          const auto k = static_cast<std::size_t>(c);
+          const double lo = saved.mean_lo.size() == d.c ? saved.mean_lo(c) : 0.0f;
+          mean[k] = static_cast<double>(saved.mean(c)) + lo;
+          rstd[k] = saved.rstd(c);
+        }
+      });
+}
+#endif
+
+// ---------------------------------------------------------------------------------
 // Registration.
 
 void register_all() {
+#ifdef NKBENCH_WITH_ONEDNN
+  benchmark::AddCustomContext("normkit_onednn", onednn::describe());
+#endif
   const Nchw bn_a{32, 64, 56, 56}, bn_b{32, 256, 14, 14}, gn_a{8, 512, 32, 32},
       gn_b{16, 64, 56, 56};
   const std::vector<std::pair<Op, Nchw>> cases{{Op::Batch, bn_a},
@@ -311,6 +355,9 @@ void register_all() {
                 });
           }
         }
+#ifdef NKBENCH_WITH_ONEDNN
+        if (op == Op::Batch && t <= onednn::max_threads()) add_onednn(dims, t, dir);
+#endif
       }
     }
   }

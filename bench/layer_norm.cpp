@@ -4,6 +4,12 @@
 // After the runs a table gives each kernel's GB/s, the best roofline GB/s at the same
 // shape and thread count, and their ratio. See bench_common.hpp for the byte counts.
 //
+// Built with oneDNN (bench/CMakeLists.txt, NORMKIT_BENCH_ONEDNN), it also times oneDNN's
+// LayerNorm (onednn_layer_norm: training forward, backward with dgamma and dbeta) on the
+// same shapes, buffers and thread counts, checks before timing that its outputs agree
+// with normkit's (bench/onednn_check.hpp: tolerances, single-threading), and prints
+// normkit's speed ratio over it (targets, single thread: >= 2x forward, >= 1.5x backward).
+//
 // Build (Release; the bench targets add -O3 -march=native):
 //   cd /work/main
 //   cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=OFF -DNORMKIT_BUILD_EXAMPLES=OFF
@@ -14,7 +20,8 @@
 //   build/bench/bench/bench_layer_norm             # 5 repetitions, default min_time
 //   build/bench/bench/bench_layer_norm --quick --benchmark_filter='/fwd/4096x4096/'
 // Any --benchmark_* flag works and overrides the mode's defaults. The table uses the
-// median of the repetitions.
+// median of the repetitions. --benchmark_out=FILE.json writes every run, labelled for
+// scripts/bench_report.py. Exit status 1 if a oneDNN check failed.
 // clang-format on
 #define EIGEN_USE_THREADS
 
@@ -23,6 +30,10 @@
 #include "bench_common.hpp"
 // (separate block: keep clang-format from reordering)
 #include <normkit/layer_norm.hpp>
+
+#ifdef NKBENCH_WITH_ONEDNN
+#include "onednn_check.hpp"
+#endif
 
 namespace {
 
@@ -96,7 +107,36 @@ std::string naive_mismatch(Workspace& w, Naive& naive) {
   return "naive Eigen LayerNorm differs from normkit by " + std::to_string(err);
 }
 
+#ifdef NKBENCH_WITH_ONEDNN
+// oneDNN's LayerNorm at shape s and t threads: the same eps (1e-5), gamma and beta.
+void add_onednn(const Shape& s, int t, Dir dir) {
+  add_onednn_bench(
+      {"onednn_layer_norm", Kind::Baseline, dir, s, t, "layer_norm"},
+      NormLayout::rows_features(s.rows, s.features), 1e-5,
+      [s](const onednn::Buffers& b, int threads) {
+        return onednn::Norm::layer(s.rows, s.features, 1e-5f, threads, b);
+      },
+      [s](Dir d, std::vector<double>& mean, std::vector<double>& rstd) {
+        Workspace& w = workspace(s);
+        normkit::RowStats<float> saved;
+        forward(w, 1, saved);
+        if (d == Dir::Bwd) backward(w, 1, saved);
+        mean.resize(static_cast<std::size_t>(s.rows));
+        rstd.resize(static_cast<std::size_t>(s.rows));
+        for (Index r = 0; r < s.rows; ++r) {
+          const auto k = static_cast<std::size_t>(r);
+          const double lo = saved.mean_lo.size() == s.rows ? saved.mean_lo(r) : 0.0f;
+          mean[k] = static_cast<double>(saved.mean(r)) + lo;
+          rstd[k] = saved.rstd(r);
+        }
+      });
+}
+#endif
+
 void register_all() {
+#ifdef NKBENCH_WITH_ONEDNN
+  benchmark::AddCustomContext("normkit_onednn", onednn::describe());
+#endif
   for (const Shape& s : shapes()) {
     for (int t : thread_counts()) {
       register_rooflines(s, t);
@@ -122,6 +162,13 @@ void register_all() {
             with_device(t, [&](const auto& device) { naive->run(workspace(s), device); });
           },
           [s, naive] { return naive_mismatch(workspace(s), *naive); });
+
+#ifdef NKBENCH_WITH_ONEDNN
+      if (t <= onednn::max_threads()) {
+        add_onednn(s, t, Dir::Fwd);
+        add_onednn(s, t, Dir::Bwd);
+      }
+#endif
     }
   }
 }
