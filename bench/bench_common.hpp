@@ -278,6 +278,10 @@ inline void copy_stream(const float* src, float* dst, Index n, int threads) {
 #elif defined(__AVX__)
     for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 32 != 0; ++i) dst[i] = src[i];
     for (; i + 8 <= e; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#else
+    // x86-64's baseline (a build without -march, NORMKIT_BENCH_MARCH=""): SSE2 streams.
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 16 != 0; ++i) dst[i] = src[i];
+    for (; i + 4 <= e; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
 #endif
     for (; i < e; ++i) dst[i] = src[i];
     _mm_sfence();
@@ -321,6 +325,11 @@ inline void add_stream(const float* a, const float* bsrc, float* dst, Index n, i
       dst[i] = a[i] + bsrc[i];
     for (; i + 8 <= e; i += 8)
       _mm256_stream_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(bsrc + i)));
+#else
+    for (; i < e && reinterpret_cast<std::uintptr_t>(dst + i) % 16 != 0; ++i)
+      dst[i] = a[i] + bsrc[i];
+    for (; i + 4 <= e; i += 4)
+      _mm_stream_ps(dst + i, _mm_add_ps(_mm_loadu_ps(a + i), _mm_loadu_ps(bsrc + i)));
 #endif
     for (; i < e; ++i) dst[i] = a[i] + bsrc[i];
     _mm_sfence();

@@ -17,8 +17,13 @@
 //   - the modulated norm against the explicit formula xhat * (1 + scale) + shift,
 //     evaluated in double from the same float inputs, on sample 1: per element,
 //       |y - ref| <= 8 eps_f |xhat (1 + scale)| + 2 eps_f |shift| + 4 D eps_d |xhat| |1 + scale|
+//                    + (xm + |xhat| xr) |1 + scale|
 //     (README "Tests": the forward bound with gamma = 1 + scale: the float roundings of
-//     the element-wise pass, including 1 + scale, plus the double accumulation);
+//     the element-wise pass, including 1 + scale, plus the double accumulation; xm and xr
+//     are the error of the statistics' float trees in xhat units, README "Numerics":
+//     with u = eps_f / 2, x0 the lower median of the row's first 5 values, dm and d2 the
+//     mean |x - x0| and (x - x0)^2, xm = 5 u dm rstd and
+//     xr = (7 u d2 + 10 u |mean - x0| dm) rstd^2 / 2);
 //   - the modulated norm's backward (in double) against central finite differences of
 //     L = sum(y * G) for a few elements of x, scale and shift: |fd(h) - grad| <=
 //     2 (|fd(2h) - fd(h)| / 3 + D u sum|y G| / h), the Richardson estimate of the
@@ -174,12 +179,26 @@ double check_formula(const Act& x, const Cond& scale, const Cond& shift, const A
     for (Index d = 0; d < kD; ++d) var += (double{x(b, t, d)} - mean) * (double{x(b, t, d)} - mean);
     var /= n;
     const double rstd = 1.0 / std::sqrt(var + eps);
+    // The statistics' float trees: their shift x0 and its distances.
+    double first[5];
+    for (Index d = 0; d < 5; ++d) first[d] = double{x(b, t, d)};
+    std::sort(first, first + 5);
+    const double x0 = first[2], u = eps_f / 2;
+    double dm = 0.0, d2 = 0.0;
+    for (Index d = 0; d < kD; ++d) {
+      const double e = double{x(b, t, d)} - x0;
+      dm += std::fabs(e) / n;
+      d2 += e * e / n;
+    }
+    const double xm = 5 * u * dm * rstd;
+    const double xr = 0.5 * (7 * u * d2 + 10 * u * std::fabs(mean - x0) * dm) * rstd * rstd;
     for (Index d = 0; d < kD; ++d) {
       const double xhat = (double{x(b, t, d)} - mean) * rstd;
       const double g = 1.0 + double{scale(b, d)}, s = double{shift(b, d)};
       const double ref = xhat * g + s;
       const double bound = 8.0 * eps_f * std::fabs(xhat * g) + 2.0 * eps_f * std::fabs(s) +
-                           4.0 * n * eps_d * std::fabs(xhat) * std::fabs(g);
+                           4.0 * n * eps_d * std::fabs(xhat) * std::fabs(g) +
+                           (xm + std::fabs(xhat) * xr) * std::fabs(g);
       const double err = std::fabs(double{y(b, t, d)} - ref);
       *max_err = std::max(*max_err, err);
       worst_ratio = std::max(worst_ratio, err / bound);

@@ -1101,7 +1101,7 @@ TEMPLATE_TEST_CASE("Channel norms: bitwise identical for any number of threads",
 TEMPLATE_TEST_CASE("Channel norms: the compiled backend matches its scalar twin",
                    "[channel][simd]", float, double) {
   // Sizes around every vector width, misaligned; bounds: the "ulp" ones of make_tol.
-  INFO("backend " << Best::name);
+  INFO("backend " << normkit::active_isa());
   using T = TestType;
   const std::size_t W[] = {1, 2, 3, 7, 8, 15, 16, 17, 31, 33};
   std::size_t i = 0;

@@ -28,7 +28,7 @@ TEMPLATE_TEST_CASE("LayerNorm: ranks 1 to 4, one and two normalized dims, in pla
 
 TEMPLATE_TEST_CASE("LayerNorm: the compiled backend matches its scalar twin", "[layer_norm][simd]",
                    float, double) {
-  INFO("backend " << normkit::detail::simd::Best::name);
+  INFO("backend " << normkit::active_isa());
   for (auto m : {AffineMode::ScaleShift, AffineMode::Scale, AffineMode::None})
     nt::twin(LN<TestType>(1, 1e-5, m), LN<TestType, Scalar>(1, 1e-5, m), 500);
 }

@@ -36,7 +36,7 @@ TEMPLATE_TEST_CASE("RMSNorm: ranks 1 to 4, one and two normalized dims, in place
 
 TEMPLATE_TEST_CASE("RMSNorm: the compiled backend matches its scalar twin", "[rms_norm][simd]",
                    float, double) {
-  INFO("backend " << normkit::detail::simd::Best::name);
+  INFO("backend " << normkit::active_isa());
   for (auto w : kWeights)
     for (auto pl : kPlacements)
       nt::twin(RMS<TestType>(1, 1e-6, w, pl), RMS<TestType, Scalar>(1, 1e-6, w, pl), 1400);

@@ -22,6 +22,25 @@
 
 namespace nt {
 
+// The backend the ops run by default: Best, or with runtime dispatch (simd::Dynamic) the
+// one chosen for this process. Kernel-level tests need a type: with dispatch, the widest
+// compiled backend (its kernels called directly; the ops run the dispatched one).
+#if defined(NORMKIT_DISPATCH) && NORMKIT_COMPILED_ISA >= NORMKIT_ISA_AVX512
+using KernelIsa = normkit::detail::simd::avx512::Isa;
+#elif defined(NORMKIT_DISPATCH)
+using KernelIsa = normkit::detail::simd::avx2::Isa;
+#else
+using KernelIsa = normkit::detail::simd::Best;
+#endif
+
+// Lanes of T in the backend the ops run.
+template <class T>
+std::ptrdiff_t best_lanes() {
+  return normkit::detail::simd::visit<normkit::detail::simd::Best>(
+      [](auto isa) { return static_cast<std::ptrdiff_t>(decltype(isa)::template Pack<T>::W); });
+}
+
+
 using Index = Eigen::Index;
 using LD = long double;
 
@@ -36,8 +55,28 @@ template <class T>
 struct Buffer {
   std::vector<T> store;
   T* p = nullptr;
-  std::size_t n = 0;
-  Buffer(std::size_t count, std::size_t shift) : store(count + shift + 64 / sizeof(T)), n(count) {
+  std::size_t n = 0, shift = 0;
+  Buffer(std::size_t count, std::size_t shift_) : n(count), shift(shift_) { place(); }
+  // A copy owns its memory, with the same misalignment and contents (p must not point
+  // into the original's storage).
+  Buffer(const Buffer& o) : n(o.n), shift(o.shift) {
+    place();
+    std::copy(o.p, o.p + n, p);
+  }
+  Buffer& operator=(const Buffer& o) {
+    if (this != &o) {
+      n = o.n;
+      shift = o.shift;
+      place();
+      std::copy(o.p, o.p + n, p);
+    }
+    return *this;
+  }
+  Buffer(Buffer&&) noexcept = default;  // the vector's storage moves with p into it
+  Buffer& operator=(Buffer&&) noexcept = default;
+  // 64-byte aligned, then `shift` elements further.
+  void place() {
+    store.assign(n + shift + 64 / sizeof(T), T(0));
     auto a = reinterpret_cast<std::uintptr_t>(store.data());
     std::size_t pad = ((64 - a % 64) % 64) / sizeof(T);
     p = store.data() + pad + shift;

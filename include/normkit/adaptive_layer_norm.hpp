@@ -14,7 +14,7 @@
 #include "common.hpp"
 #include "detail/adaptive_norm.hpp"
 #include "detail/row_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -30,8 +30,10 @@ class AdaptiveLayerNorm {
   // detached gradient) unless full_gradient, which differentiates C (z - k z^2) exactly.
   static AdaptiveLayerNorm ada_norm(double C = 1.0, double k = 0.1, bool full_gradient = false,
                                     int normalized_dims = 1, double eps = 1e-5) {
-    if (!std::isfinite(C)) detail::fail("AdaptiveLayerNorm::ada_norm", "C", "a finite value", std::to_string(C));
-    if (!std::isfinite(k)) detail::fail("AdaptiveLayerNorm::ada_norm", "k", "a finite value", std::to_string(k));
+    if (!std::isfinite(C))
+      detail::fail("AdaptiveLayerNorm::ada_norm", "C", "a finite value", std::to_string(C));
+    if (!std::isfinite(k))
+      detail::fail("AdaptiveLayerNorm::ada_norm", "k", "a finite value", std::to_string(k));
     AdaptiveLayerNorm a(AdaptiveForm::AdaNorm, normalized_dims, eps);
     a.c_ = C;
     a.k_ada_ = k;
@@ -62,13 +64,19 @@ class AdaptiveLayerNorm {
     const auto yv = detail::out<T>(y);
     switch (form_) {
       case AdaptiveForm::AdaNorm:
-        detail::forward<Isa, T, true>(spec(), xv, cond, yv, saved, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::forward<decltype(isa_), T, true>(spec(), xv, cond, yv, saved, device);
+        });
         break;
       case AdaptiveForm::Modulated:
-        detail::modulated_forward<Isa, T>(spec(), xv, cond, yv, saved, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::modulated_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, device);
+        });
         break;
       case AdaptiveForm::Elementwise:
-        detail::elementwise_forward<Isa, T>(spec(), xv, cond, yv, saved, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::elementwise_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, device);
+        });
         break;
     }
   }
@@ -86,8 +94,8 @@ class AdaptiveLayerNorm {
   // for Element-wise, normkit::skip for AdaNorm. Each output may be normkit::skip; dx may
   // be dy or x. dscale/dshift are sums over each sample's rows, overwritten.
   template <class DY, class X, class DX, class D1, class D2, class Device = Eigen::DefaultDevice>
-  void backward(const DY& dy, const X& x, const Affine<T>& cond, const RowStats<T>& saved,
-                DX&& dx, D1&& dcond1, D2&& dcond2, const Device& device = Device()) const {
+  void backward(const DY& dy, const X& x, const Affine<T>& cond, const RowStats<T>& saved, DX&& dx,
+                D1&& dcond1, D2&& dcond2, const Device& device = Device()) const {
     const auto dyv = detail::in<T>(dy);
     const auto xv = detail::in<T>(x);
     const auto dxv = detail::out<T>(dx);
@@ -98,14 +106,22 @@ class AdaptiveLayerNorm {
         if (d1.present || d2.present)
           detail::fail("AdaptiveLayerNorm::backward", d1.present ? "dcond1" : "dcond2",
                        "normkit::skip (AdaNorm has no condition)", (d1.present ? d1 : d2).str());
-        detail::backward<Isa, T, true>(spec(), dyv, xv, cond, saved, dxv, detail::View<T>{},
-                                       detail::View<T>{}, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::backward<decltype(isa_), T, true>(spec(), dyv, xv, cond, saved, dxv,
+                                                    detail::View<T>{}, detail::View<T>{}, device);
+        });
         break;
       case AdaptiveForm::Modulated:
-        detail::modulated_backward<Isa, T>(spec(), dyv, xv, cond, saved, dxv, d1, d2, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::modulated_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1, d2,
+                                                        device);
+        });
         break;
       case AdaptiveForm::Elementwise:
-        detail::elementwise_backward<Isa, T>(spec(), dyv, xv, cond, saved, dxv, d1, d2, device);
+        detail::simd::visit<Isa>([&](auto isa_) {
+          detail::elementwise_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1, d2,
+                                                          device);
+        });
         break;
     }
   }

@@ -10,7 +10,7 @@
 
 #include "common.hpp"
 #include "detail/channel_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -27,8 +27,8 @@ class BatchNorm {
   explicit BatchNorm(ChannelFormat format = ChannelFormat::First, double eps = 1e-5,
                      std::optional<double> momentum = 0.1,
                      AffineMode affine = AffineMode::ScaleShift)
-      : spec_(detail::channel::make_spec("BatchNorm", detail::channel::Kind::Batch, format, 0,
-                                         eps, momentum, affine)) {}
+      : spec_(detail::channel::make_spec("BatchNorm", detail::channel::Kind::Batch, format, 0, eps,
+                                         momentum, affine)) {}
 
   ChannelFormat format() const { return spec_.format; }
   double eps() const { return spec_.eps; }
@@ -42,16 +42,20 @@ class BatchNorm {
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
                const Running<T>& running = {}, const Device& device = Device()) const {
-    detail::channel::forward_train<Isa, T>(spec_, detail::in<T>(x), params, detail::out<T>(y),
-                                           saved, running, nullptr, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, device);
+    });
   }
 
   // Evaluation: normalize with the running statistics (required), which are not changed.
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward_eval(const X& x, const Affine<T>& params, const Running<T>& running, Y&& y,
                     const Device& device = Device()) const {
-    detail::channel::forward_eval<Isa, T>(spec_, detail::in<T>(x), params, running,
-                                          detail::out<T>(y), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_eval<decltype(isa_), T>(spec_, detail::in<T>(x), params, running,
+                                                       detail::out<T>(y), device);
+    });
   }
 
   // Training backward from forward's x, params and saved statistics. Each of dx,
@@ -60,18 +64,22 @@ class BatchNorm {
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
                 DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::channel::backward_train<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                            saved, nullptr, detail::out<T>(dx),
-                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
   // Evaluation backward: the running statistics are constants, dx = dy * gamma * rstd_run.
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward_eval(const DY& dy, const X& x, const Affine<T>& params, const Running<T>& running,
                      DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::channel::backward_eval<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                           running, detail::out<T>(dx), detail::out<T>(dgamma),
-                                           detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_eval<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, running, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
   // --- Data-parallel (Sync) BatchNorm, in three steps per direction ---
@@ -81,7 +89,9 @@ class BatchNorm {
   // Splitting a batch this way reproduces the whole batch's forward within rounding.
   template <class X, class Device = Eigen::DefaultDevice>
   ChannelMoments partial_stats(const X& x, const Device& device = Device()) const {
-    return detail::channel::partial_stats<Isa, T>(spec_, detail::in<T>(x), device);
+    return detail::simd::visit<Isa>([&](auto isa_) {
+      return detail::channel::partial_stats<decltype(isa_), T>(spec_, detail::in<T>(x), device);
+    });
   }
 
   // Normalize a shard with the global (merged) moments; saved as in forward; running
@@ -92,8 +102,10 @@ class BatchNorm {
   void forward_global(const X& x, const Affine<T>& params, const ChannelMoments& global, Y&& y,
                       RowStats<T>& saved, const Running<T>& running = {},
                       const Device& device = Device()) const {
-    detail::channel::forward_train<Isa, T>(spec_, detail::in<T>(x), params, detail::out<T>(y),
-                                           saved, running, &global, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, &global, device);
+    });
   }
 
   // Backward, step 1 per shard: sums of dy and dy * xhat per channel (xhat from saved,
@@ -101,22 +113,25 @@ class BatchNorm {
   template <class DY, class X, class Device = Eigen::DefaultDevice>
   ChannelGradSums partial_grad_sums(const DY& dy, const X& x, const RowStats<T>& saved,
                                     const Device& device = Device()) const {
-    return detail::channel::partial_grad_sums<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x),
-                                                      saved, device);
+    return detail::simd::visit<Isa>([&](auto isa_) {
+      return detail::channel::partial_grad_sums<decltype(isa_), T>(spec_, detail::in<T>(dy),
+                                                                   detail::in<T>(x), saved, device);
+    });
   }
 
   // dx of a shard from the merged sums and the global count (global.count of the
   // forward's merged moments); dgamma = sum_dy_xhat and dbeta = sum_dy (the same on
   // every shard; skip them where not needed).
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
-  void backward_global(const DY& dy, const X& x, const Affine<T>& params,
-                       const RowStats<T>& saved, const ChannelGradSums& global_sums,
-                       double global_count, DX&& dx, DG&& dgamma, DB&& dbeta,
-                       const Device& device = Device()) const {
+  void backward_global(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
+                       const ChannelGradSums& global_sums, double global_count, DX&& dx,
+                       DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
     const detail::channel::GlobalGrad g{&global_sums, global_count};
-    detail::channel::backward_train<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                            saved, &g, detail::out<T>(dx),
-                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, &g, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
  private:

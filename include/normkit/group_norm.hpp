@@ -9,7 +9,7 @@
 
 #include "common.hpp"
 #include "detail/channel_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -22,8 +22,8 @@ class GroupNorm {
   // groups >= 1 (C % groups == 0 is checked against each input); eps >= 0.
   explicit GroupNorm(int groups, ChannelFormat format = ChannelFormat::First, double eps = 1e-5,
                      AffineMode affine = AffineMode::ScaleShift)
-      : spec_(detail::channel::make_spec("GroupNorm", detail::channel::Kind::Group, format,
-                                         groups, eps, 0.1, affine)) {}
+      : spec_(detail::channel::make_spec("GroupNorm", detail::channel::Kind::Group, format, groups,
+                                         eps, 0.1, affine)) {}
 
   int groups() const { return spec_.groups; }
   ChannelFormat format() const { return spec_.format; }
@@ -34,8 +34,10 @@ class GroupNorm {
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
                const Device& device = Device()) const {
-    detail::channel::forward_train<Isa, T>(spec_, detail::in<T>(x), params, detail::out<T>(y),
-                                           saved, Running<T>{}, nullptr, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, Running<T>{}, nullptr, device);
+    });
   }
 
   template <class X, class Y, class Device = Eigen::DefaultDevice,
@@ -50,9 +52,11 @@ class GroupNorm {
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
                 DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::channel::backward_train<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                            saved, nullptr, detail::out<T>(dx),
-                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
  private:

@@ -11,7 +11,7 @@
 
 #include "common.hpp"
 #include "detail/channel_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -22,10 +22,9 @@ class InstanceNorm {
 
  public:
   explicit InstanceNorm(ChannelFormat format = ChannelFormat::First, double eps = 1e-5,
-                        AffineMode affine = AffineMode::None,
-                        std::optional<double> momentum = 0.1)
-      : spec_(detail::channel::make_spec("InstanceNorm", detail::channel::Kind::Instance, format,
-                                         0, eps, momentum, affine)) {}
+                        AffineMode affine = AffineMode::None, std::optional<double> momentum = 0.1)
+      : spec_(detail::channel::make_spec("InstanceNorm", detail::channel::Kind::Instance, format, 0,
+                                         eps, momentum, affine)) {}
 
   ChannelFormat format() const { return spec_.format; }
   double eps() const { return spec_.eps; }
@@ -37,32 +36,40 @@ class InstanceNorm {
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
                const Running<T>& running = {}, const Device& device = Device()) const {
-    detail::channel::forward_train<Isa, T>(spec_, detail::in<T>(x), params, detail::out<T>(y),
-                                           saved, running, nullptr, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, device);
+    });
   }
 
   // Normalize with the running statistics (required), unchanged.
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward_eval(const X& x, const Affine<T>& params, const Running<T>& running, Y&& y,
                     const Device& device = Device()) const {
-    detail::channel::forward_eval<Isa, T>(spec_, detail::in<T>(x), params, running,
-                                          detail::out<T>(y), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::forward_eval<decltype(isa_), T>(spec_, detail::in<T>(x), params, running,
+                                                       detail::out<T>(y), device);
+    });
   }
 
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
                 DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::channel::backward_train<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                            saved, nullptr, detail::out<T>(dx),
-                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_train<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward_eval(const DY& dy, const X& x, const Affine<T>& params, const Running<T>& running,
                      DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::channel::backward_eval<Isa, T>(spec_, detail::in<T>(dy), detail::in<T>(x), params,
-                                           running, detail::out<T>(dx), detail::out<T>(dgamma),
-                                           detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::channel::backward_eval<decltype(isa_), T>(
+          spec_, detail::in<T>(dy), detail::in<T>(x), params, running, detail::out<T>(dx),
+          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    });
   }
 
  private:

@@ -9,7 +9,7 @@
 
 #include "common.hpp"
 #include "detail/row_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -45,8 +45,10 @@ class LayerNorm {
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
                const Device& device = Device()) const {
-    detail::forward<Isa, T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
-                                  device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
+                                               saved, device);
+    });
   }
 
   // As above, returning the saved statistics.
@@ -66,9 +68,11 @@ class LayerNorm {
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
   void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
                 DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::backward<Isa, T, true>(spec(), detail::in<T>(dy), detail::in<T>(x), params, saved,
-                                   detail::out<T>(dx), detail::out<T>(dgamma),
-                                   detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward<decltype(isa_), T, true>(spec(), detail::in<T>(dy), detail::in<T>(x), params,
+                                                saved, detail::out<T>(dx), detail::out<T>(dgamma),
+                                                detail::out<T>(dbeta), device);
+    });
   }
 
   // Fused residual (pre-norm blocks, DeepNorm): s = alpha * x + r, then y = LayerNorm(s),
@@ -81,8 +85,10 @@ class LayerNorm {
                         RowStats<T>& saved, double alpha = 1.0,
                         const Device& device = Device()) const {
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
-    detail::forward<Isa, T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
-                                  device, &res);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
+                                               saved, device, &res);
+    });
   }
 
   // Its backward: ds = dL/ds from downstream (normkit::skip when s is not used, as in a
@@ -94,10 +100,12 @@ class LayerNorm {
   void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
                          const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
                          double alpha = 1.0, const Device& device = Device()) const {
-    detail::backward_residual<Isa, T, true>(spec(), detail::in<T>(ds), detail::in<T>(dy),
-                                            detail::in<T>(s), params, saved, alpha,
-                                            detail::out<T>(dx), detail::out<T>(dr),
-                                            detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward_residual<decltype(isa_), T, true>(
+          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+          detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::out<T>(dbeta),
+          device);
+    });
   }
 
  private:

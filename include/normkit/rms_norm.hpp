@@ -10,7 +10,7 @@
 
 #include "common.hpp"
 #include "detail/row_norm.hpp"
-#include "detail/simd/select.hpp"
+#include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
@@ -29,8 +29,7 @@ class RMSNorm {
 
  public:
   // normalized_dims >= 1; eps >= 0. Throws normkit::invalid_argument otherwise.
-  explicit RMSNorm(int normalized_dims = 1, double eps = 1e-6,
-                   RmsWeight weight = RmsWeight::Scale,
+  explicit RMSNorm(int normalized_dims = 1, double eps = 1e-6, RmsWeight weight = RmsWeight::Scale,
                    EpsPlacement placement = EpsPlacement::Inside)
       : k_(normalized_dims), eps_(eps), weight_(weight), placement_(placement) {
     if (normalized_dims < 1 || normalized_dims > detail::kMaxRank)
@@ -50,8 +49,10 @@ class RMSNorm {
   template <class X, class Y, class Device = Eigen::DefaultDevice>
   void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
                const Device& device = Device()) const {
-    detail::forward<Isa, T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
-                                   device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y),
+                                                saved, device);
+    });
   }
 
   template <class X, class Y, class Device = Eigen::DefaultDevice,
@@ -68,9 +69,11 @@ class RMSNorm {
   template <class DY, class X, class DX, class DG, class Device = Eigen::DefaultDevice>
   void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
                 DX&& dx, DG&& dgamma, const Device& device = Device()) const {
-    detail::backward<Isa, T, false>(spec(), detail::in<T>(dy), detail::in<T>(x), params, saved,
-                                    detail::out<T>(dx), detail::out<T>(dgamma),
-                                    detail::View<T>{}, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward<decltype(isa_), T, false>(spec(), detail::in<T>(dy), detail::in<T>(x),
+                                                 params, saved, detail::out<T>(dx),
+                                                 detail::out<T>(dgamma), detail::View<T>{}, device);
+    });
   }
 
   // Fused residual: s = alpha * x + r, y = RMSNorm(s) (the add + RMSNorm of LLaMA-style
@@ -80,8 +83,10 @@ class RMSNorm {
                         RowStats<T>& saved, double alpha = 1.0,
                         const Device& device = Device()) const {
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
-    detail::forward<Isa, T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y), saved,
-                                   device, &res);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y),
+                                                saved, device, &res);
+    });
   }
 
   // As LayerNorm::backward_residual, without dbeta.
@@ -90,10 +95,12 @@ class RMSNorm {
   void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
                          const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma,
                          double alpha = 1.0, const Device& device = Device()) const {
-    detail::backward_residual<Isa, T, false>(spec(), detail::in<T>(ds), detail::in<T>(dy),
-                                             detail::in<T>(s), params, saved, alpha,
-                                             detail::out<T>(dx), detail::out<T>(dr),
-                                             detail::out<T>(dgamma), detail::View<T>{}, device);
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward_residual<decltype(isa_), T, false>(
+          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+          detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::View<T>{},
+          device);
+    });
   }
 
  private:
@@ -101,9 +108,9 @@ class RMSNorm {
     return {"RMSNorm",
             k_,
             eps_,
-            weight_ == RmsWeight::None          ? detail::ScaleKind::None
-            : weight_ == RmsWeight::Scale       ? detail::ScaleKind::Gamma
-                                                : detail::ScaleKind::OnePlusGamma,
+            weight_ == RmsWeight::None    ? detail::ScaleKind::None
+            : weight_ == RmsWeight::Scale ? detail::ScaleKind::Gamma
+                                          : detail::ScaleKind::OnePlusGamma,
             false,
             placement_ == EpsPlacement::Outside};
   }

@@ -189,7 +189,7 @@ void elementwise_backward(const RowNormSpec& spec, const View<const T>& dy, cons
       with_bool(db.present, [&](auto Db) {
         constexpr bool kDx = decltype(Dx)::value, kDw = decltype(Dw)::value, kDb = decltype(Db)::value;
         if constexpr (kDx || kDw || kDb) {
-          parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+          parallel_for<Isa>(device, rows, cost, [&](Index r0, Index r1) {
             for (Index r = r0; r < r1; ++r) {
               const Index o = r * n;
               kernels::elementwise_backward<Isa, T, kDx, kDw, kDb>(

@@ -76,7 +76,7 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, con
   auto scalar_at = [&](Index i) {
     T xc = x[i] - qh.scalar(i);
     if (Prescale) xc *= qp.scalar(i);
-    y[i] = fmadd_s(xc, qa.scalar(i), qb.scalar(i));
+    y[i] = fmadd_s<Isa>(xc, qa.scalar(i), qb.scalar(i));
   };
   Index i = 0;
   if (Stream)
@@ -110,7 +110,7 @@ inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T
     if (UseX) {
       T xc = x[i] - qh.scalar(i);
       if (Prescale) xc *= qp.scalar(i);
-      dx[i] = fmadd_s(dy[i], qa.scalar(i), fmadd_s(xc, qc.scalar(i), qd.scalar(i)));
+      dx[i] = fmadd_s<Isa>(dy[i], qa.scalar(i), fmadd_s<Isa>(xc, qc.scalar(i), qd.scalar(i)));
     } else {
       dx[i] = dy[i] * qa.scalar(i);
     }
@@ -158,7 +158,7 @@ inline void affine_rows(const T* x, T* y, Index rows, Index ld, Index n, const T
     auto scalar_at = [&](Index row, Index i) {
       T xc = x[row * ld + i] - hi[i];
       if (Prescale) xc *= pre[i];
-      y[row * ld + i] = fmadd_s(xc, A[i], B[i]);
+      y[row * ld + i] = fmadd_s<Isa>(xc, A[i], B[i]);
     };
     for (; r + 4 <= rows; r += 4) {
       for (int j = 0; j < 4; ++j)
@@ -201,7 +201,7 @@ inline void dx_rows_kernel(const T* dy, const T* x, T* dx, Index rows, Index ld,
       if (UseX) {
         T xc = x[o] - hi[i];
         if (Prescale) xc *= pre[i];
-        dx[o] = fmadd_s(dy[o], A[i], fmadd_s(xc, Cx[i], D[i]));
+        dx[o] = fmadd_s<Isa>(dy[o], A[i], fmadd_s<Isa>(xc, Cx[i], D[i]));
       } else {
         dx[o] = dy[o] * A[i];
       }
@@ -259,11 +259,11 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sd
   constexpr int B = 8;
   typename A::V a1[K], a2[K];
   for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
-  auto flush = [&](V t1, V t2) {
+  auto flush = [&](const V& t1, const V& t2) {
     int k = 0;
-    P::widen(t1, [&](typename A::V v) { a1[k] = A::add(a1[k], v); ++k; });
+    P::widen(t1, [&](const typename A::V& v) { a1[k] = A::add(a1[k], v); ++k; });
     k = 0;
-    P::widen(t2, [&](typename A::V v) { a2[k] = A::add(a2[k], v); ++k; });
+    P::widen(t2, [&](const typename A::V& v) { a2[k] = A::add(a2[k], v); ++k; });
   };
   const V vh = P::set1(hi);
   Index i = 0;
@@ -325,11 +325,11 @@ inline void column_blocked_sums(const T* x, Index rows, Index ld, Index C, const
         t2[k] = A::load(s2 + c + static_cast<Index>(k) * WA);
       }
       const V vs = P::load(shift + c);
-      auto add = [&](V ts, V tq) {
+      auto add = [&](const V& ts, const V& tq) {
         int k = 0;
-        P::widen(ts, [&](typename A::V w) { t1[k] = A::add(t1[k], w); ++k; });
+        P::widen(ts, [&](const typename A::V& w) { t1[k] = A::add(t1[k], w); ++k; });
         k = 0;
-        P::widen(tq, [&](typename A::V w) { t2[k] = A::add(t2[k], w); ++k; });
+        P::widen(tq, [&](const typename A::V& w) { t2[k] = A::add(t2[k], w); ++k; });
       };
       if (G == 0) {
         const V d = P::sub(P::load(x + r * ld + c), vs);
@@ -359,7 +359,7 @@ inline void column_blocked_sums(const T* x, Index rows, Index ld, Index C, const
         const T d0 = x0[0] - shift[c], d1 = x0[ld] - shift[c];
         const T d2 = x0[2 * ld] - shift[c], d3 = x0[3 * ld] - shift[c];
         a += static_cast<double>((d0 + d1) + (d2 + d3));
-        b += static_cast<double>(fmadd_s(d1, d1, d0 * d0) + fmadd_s(d3, d3, d2 * d2));
+        b += static_cast<double>(fmadd_s<Isa>(d1, d1, d0 * d0) + fmadd_s<Isa>(d3, d3, d2 * d2));
       }
       s[c] = a;
       s2[c] = b;
@@ -395,7 +395,7 @@ inline void column_shifted_sums(const T* x, Index rows, Index ld, Index C, const
       }
       for (int j = 0; j < kR; ++j) {
         int k = 0;
-        P::widen(P::load(x + (r + j) * ld + c), [&](typename A::V v) {
+        P::widen(P::load(x + (r + j) * ld + c), [&](const typename A::V& v) {
           const typename A::V d = A::sub(v, A::load(shift + c + k * WA));
           t1[k] = A::add(t1[k], d);
           t2[k] = A::fmadd(d, d, t2[k]);
@@ -413,7 +413,7 @@ inline void column_shifted_sums(const T* x, Index rows, Index ld, Index C, const
       for (int j = 0; j < kR; ++j) {
         const double d = static_cast<double>(x[(r + j) * ld + c]) - shift[c];
         a += d;
-        b = fmadd_s(d, d, b);
+        b = fmadd_s<Isa>(d, d, b);
       }
       s[c] = a;
       s2[c] = b;
@@ -447,11 +447,11 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
         t2[k] = A::load(sdyx + c + static_cast<Index>(k) * WA);
       }
       const V vh = P::load(hi + c);
-      auto add = [&](V ts, V tq) {
+      auto add = [&](const V& ts, const V& tq) {
         int k = 0;
-        P::widen(ts, [&](typename A::V w) { t1[k] = A::add(t1[k], w); ++k; });
+        P::widen(ts, [&](const typename A::V& w) { t1[k] = A::add(t1[k], w); ++k; });
         k = 0;
-        P::widen(tq, [&](typename A::V w) { t2[k] = A::add(t2[k], w); ++k; });
+        P::widen(tq, [&](const typename A::V& w) { t2[k] = A::add(t2[k], w); ++k; });
       };
       auto xc_at = [&](Index row) { return P::sub(P::load(x + row * ld + c), vh); };
       if (G == 0) {
@@ -483,8 +483,8 @@ inline void column_grad_sums(const T* dy, const T* x, Index rows, Index ld, Inde
         const T d0 = dy[r0 * ld + c], d1 = dy[(r0 + 1) * ld + c];
         const T d2 = dy[(r0 + 2) * ld + c], d3 = dy[(r0 + 3) * ld + c];
         a += static_cast<double>((d0 + d1) + (d2 + d3));
-        b += static_cast<double>(fmadd_s(d1, xc_s(r0 + 1), d0 * xc_s(r0)) +
-                                 fmadd_s(d3, xc_s(r0 + 3), d2 * xc_s(r0 + 2)));
+        b += static_cast<double>(fmadd_s<Isa>(d1, xc_s(r0 + 1), d0 * xc_s(r0)) +
+                                 fmadd_s<Isa>(d3, xc_s(r0 + 3), d2 * xc_s(r0 + 2)));
       }
       sdy[c] = a;
       sdyx[c] = b;

@@ -446,7 +446,7 @@ inline Index groups_per_block(const Geo& g, std::size_t elem_bytes) {
 // Column sums over all N * M rows in a fixed number of row chunks (a function of the
 // row count only), each reduced by one thread, combined in chunk order: deterministic.
 // f(r0, r1, a, b) adds rows [r0, r1) into the chunk's arrays a, b (C doubles each).
-template <class Device, class F>
+template <class Isa, class Device, class F>
 void chunked_columns(const Device& device, Index rows, Index C, double bytes_per_row, F&& f,
                      double* a, double* b) {
   const Index chunks = reduce_chunks(rows);
@@ -454,7 +454,7 @@ void chunked_columns(const Device& device, Index rows, Index C, double bytes_per
   const Index per = std::max<Index>(1, rows / chunks);
   const Eigen::TensorOpCost cost(bytes_per_row * static_cast<double>(per), 0.0,
                                  static_cast<double>(per * C) * 4.0);
-  parallel_for(device, chunks, cost, [&](Index k0, Index k1) {
+  parallel_for<Isa>(device, chunks, cost, [&](Index k0, Index k1) {
     for (Index k = k0; k < k1; ++k) {
       double* base = acc.data() + k * 2 * C;
       f(chunk_begin(k, rows, chunks), chunk_begin(k + 1, rows, chunks), base, base + C);
@@ -486,7 +486,7 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
   }
   const double row_bytes = static_cast<double>(C * static_cast<Index>(sizeof(T)));
   auto exact_pass = [&]() {
-    chunked_columns(
+    chunked_columns<Isa>(
         device, rows, C, row_bytes,
         [&](Index r0, Index r1, double* a, double* b) {
           kernels::column_shifted_sums<Isa>(x + r0 * C, r1 - r0, C, C, shift.data(), a, b);
@@ -495,7 +495,7 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
   };
   std::vector<Mom> out(static_cast<std::size_t>(C));
   if constexpr (sizeof(T) <= sizeof(float)) {
-    chunked_columns(
+    chunked_columns<Isa>(
         device, rows, C, row_bytes,
         [&](Index r0, Index r1, double* a, double* b) {
           kernels::column_blocked_sums<Isa>(x + r0 * C, r1 - r0, C, C, fshift.data(), a, b);
@@ -506,7 +506,7 @@ std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& devi
       if (!kernels::blocked_sums_trusted<T>(s[k], s2[k], count)) {
         // The exact double sums of this column alone (strided; rare: extreme data).
         s[k] = s2[k] = 0.0;
-        kernels::column_shifted_sums<Isa>(x + c, rows, C, 1, &shift[k], &s[k], &s2[k]);
+        Isa::run([&] { kernels::column_shifted_sums<Isa>(x + c, rows, C, 1, &shift[k], &s[k], &s2[k]); });
       }
       out[k] = finish(count, shift[k], s[k], s2[k]);
     }
@@ -803,7 +803,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       // from cache (normalize). A BatchNorm channel of [32, 64, 56, 56] is 400 KB: L2.
       const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(g.count()), bytes_of<T>(g.count()),
                                      6.0 * static_cast<double>(g.count()));
-      parallel_for(device, S, cost, [&](Index s0, Index s1) {
+      parallel_for<Isa>(device, S, cost, [&](Index s0, Index s1) {
         for (Index s = s0; s < s1; ++s) {
           const auto k = static_cast<std::size_t>(s);
           if (!global) {
@@ -838,7 +838,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
         wide |= fill_forward(a, c, coef(st, c));
       }
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 4.0 * static_cast<double>(g.C));
-      parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
+      parallel_for<Isa>(device, g.N * g.M, cost, [&](Index r0, Index r1) {
         normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide, false);
         if (kSt) Isa::fence();
       });
@@ -847,7 +847,7 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       // its rows normalized (a sample of [8, 512, 32, 32] is 2 MB: L2/L3).
       const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(g.M * g.C), bytes_of<T>(g.M * g.C),
                                      6.0 * static_cast<double>(g.M * g.C));
-      parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
+      parallel_for<Isa>(device, g.N, cost, [&](Index n0, Index n1) {
         std::vector<double> scratch(static_cast<std::size_t>(3 * g.C));
         Arrays<T> a(g.C, 5);  // hi, pre, A, B; and the shifts of the statistics
         const Index gpb = groups_per_block(g, sizeof(T));
@@ -903,7 +903,7 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
     constexpr bool kSt = decltype(St)::value;
     if (!g.last) {
       const Eigen::TensorOpCost cost(bytes_of<T>(g.M), bytes_of<T>(g.M), 3.0 * static_cast<double>(g.M));
-      parallel_for(device, g.N * g.C, cost, [&](Index s0, Index s1) {
+      parallel_for<Isa>(device, g.N * g.C, cost, [&](Index s0, Index s1) {
         for (Index s = s0; s < s1; ++s)
           normalize_segment<Isa, T, kSt>(x.data + s * g.M, y.data + s * g.M, g.M,
                                          k[static_cast<std::size_t>(s % g.C)]);
@@ -911,7 +911,7 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
       });
     } else {
       const Eigen::TensorOpCost cost(bytes_of<T>(g.C), bytes_of<T>(g.C), 3.0 * static_cast<double>(g.C));
-      parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
+      parallel_for<Isa>(device, g.N * g.M, cost, [&](Index r0, Index r1) {
         normalize_rows<Isa, T, kSt>(x.data, y.data, r0, r1, g.C, 0, g.C, a, wide, false);
         if (kSt) Isa::fence();
       });
@@ -998,7 +998,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
       if (!g.last) {
         const Eigen::TensorOpCost cost(3.0 * bytes_of<T>(g.count()), bytes_of<T>(g.count()),
                                        8.0 * static_cast<double>(g.count()));
-        parallel_for(device, C, cost, [&](Index c0, Index c1) {
+        parallel_for<Isa>(device, C, cost, [&](Index c0, Index c1) {
           for (Index c = c0; c < c1; ++c) {
             const auto i = static_cast<std::size_t>(c);
             double a = 0.0, b = 0.0;
@@ -1031,7 +1031,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
       } else {
         if (need_sums) {
           std::vector<double> a(static_cast<std::size_t>(C)), b(static_cast<std::size_t>(C));
-          chunked_columns(
+          chunked_columns<Isa>(
               device, g.N * g.M, C, 2.0 * bytes_of<T>(C),
               [&](Index r0, Index r1, double* sa, double* sb) {
                 kernels::column_grad_sums<Isa>(dy.data + r0 * C, x.data + r0 * C, r1 - r0, C, C,
@@ -1052,7 +1052,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
         }
         if (want_dx) {
           const Eigen::TensorOpCost cost(2.0 * bytes_of<T>(C), bytes_of<T>(C), 4.0 * static_cast<double>(C));
-          parallel_for(device, g.N * g.M, cost, [&](Index r0, Index r1) {
+          parallel_for<Isa>(device, g.N * g.M, cost, [&](Index r0, Index r1) {
             dx_rows<Isa, T, kSt, kUX>(dy.data, x.data, dx.data, r0, r1, C, 0, C, k, wide, false);
             if (kSt) Isa::fence();
           });
@@ -1105,7 +1105,7 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
     if (!g.last) {
       const Eigen::TensorOpCost cost(3.0 * bytes_of<T>(g.count()), bytes_of<T>(g.count()),
                                      8.0 * static_cast<double>(g.count()));
-      parallel_for(device, g.N * g.G, cost, [&](Index s0, Index s1) {
+      parallel_for<Isa>(device, g.N * g.G, cost, [&](Index s0, Index s1) {
         for (Index s = s0; s < s1; ++s) {
           const Index n = s / g.G, grp = s % g.G;
           const T hi = saved.mean(s), lo = saved.mean_lo(s);
@@ -1126,7 +1126,7 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
     } else {
       const Eigen::TensorOpCost cost(3.0 * bytes_of<T>(g.M * C), bytes_of<T>(g.M * C),
                                      8.0 * static_cast<double>(g.M * C));
-      parallel_for(device, g.N, cost, [&](Index n0, Index n1) {
+      parallel_for<Isa>(device, g.N, cost, [&](Index n0, Index n1) {
         Arrays<T> a(C, 5);  // hi, pre, A, Cx, D
         // Whole samples (dy and x: two arrays): blocks of columns as in forward were
         // slower here (the strided reads of two arrays defeat the prefetchers), so the
@@ -1251,7 +1251,7 @@ ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Dev
   std::vector<Mom> mom(static_cast<std::size_t>(g.C));
   if (!g.last) {
     const Eigen::TensorOpCost cost(bytes_of<T>(g.count()), 0.0, 3.0 * static_cast<double>(g.count()));
-    parallel_for(device, g.C, cost, [&](Index c0, Index c1) {
+    parallel_for<Isa>(device, g.C, cost, [&](Index c0, Index c1) {
       for (Index c = c0; c < c1; ++c) {
         if (c + 1 < c1) prefetch_stat(g, x.data, c + 1);
         mom[static_cast<std::size_t>(c)] = moments_first<Isa>(g, x.data, c);

@@ -3,10 +3,12 @@
 
 #include <cstddef>
 
-// ISA levels, ordered: each wider ISA may assume the narrower ones.
+// ISA levels, ordered: each wider ISA may assume the narrower ones. On aarch64, NEON is
+// the level-1 backend (and the widest).
 #define NORMKIT_ISA_SCALAR 0
 #define NORMKIT_ISA_AVX2 1    // AVX2 + FMA
 #define NORMKIT_ISA_AVX512 2  // AVX-512F
+#define NORMKIT_ISA_NEON 1    // aarch64 Advanced SIMD
 
 // NORMKIT_FORCE_SCALAR caps the ISA at scalar; NORMKIT_MAX_ISA caps it at any level.
 // Both exist so that tests can run every backend on one machine.
@@ -18,12 +20,42 @@
 #define NORMKIT_MAX_ISA NORMKIT_ISA_AVX512
 #endif
 
-#if defined(__AVX512F__) && NORMKIT_MAX_ISA >= NORMKIT_ISA_AVX512
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#define NORMKIT_ARCH_X86 1
+#elif defined(__aarch64__)
+#define NORMKIT_ARCH_ARM64 1
+#endif
+
+// NORMKIT_ISA: the widest backend the compiler's target flags allow (compile-time
+// selection, as with -march=native).
+#if defined(NORMKIT_ARCH_ARM64) && NORMKIT_MAX_ISA >= NORMKIT_ISA_NEON
+#define NORMKIT_ISA NORMKIT_ISA_NEON
+#elif defined(NORMKIT_ARCH_X86) && defined(__AVX512F__) && NORMKIT_MAX_ISA >= NORMKIT_ISA_AVX512
 #define NORMKIT_ISA NORMKIT_ISA_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && NORMKIT_MAX_ISA >= NORMKIT_ISA_AVX2
+#elif defined(NORMKIT_ARCH_X86) && defined(__AVX2__) && defined(__FMA__) && \
+    NORMKIT_MAX_ISA >= NORMKIT_ISA_AVX2
 #define NORMKIT_ISA NORMKIT_ISA_AVX2
 #else
 #define NORMKIT_ISA NORMKIT_ISA_SCALAR
+#endif
+
+// Runtime dispatch (x86-64 with g++): when the target flags leave out a backend that
+// NORMKIT_MAX_ISA allows (a build without -march, say), the wider backends are compiled
+// anyway, with function target attributes, and the widest the CPU runs is chosen once
+// per process (simd::Dynamic, dispatch.hpp). NORMKIT_NO_DISPATCH turns it off: the
+// compile-time selection alone. Not with clang: its flatten attribute (clang 14) inlines
+// one level of calls only, so the kernels' own calls to a backend's functions would stay
+// calls; clang builds select at compile time.
+#if defined(NORMKIT_ARCH_X86) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(NORMKIT_NO_DISPATCH) && NORMKIT_ISA < NORMKIT_MAX_ISA
+#define NORMKIT_DISPATCH 1
+#endif
+
+// The widest backend compiled in: NORMKIT_MAX_ISA with dispatch, NORMKIT_ISA without.
+#if defined(NORMKIT_DISPATCH)
+#define NORMKIT_COMPILED_ISA NORMKIT_MAX_ISA
+#else
+#define NORMKIT_COMPILED_ISA NORMKIT_ISA
 #endif
 
 // Outputs larger than this many bytes are written with non-temporal (streaming) stores:

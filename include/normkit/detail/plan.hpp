@@ -39,15 +39,19 @@ struct has_parallel_for<Device, decltype(void(std::declval<const Device&>().para
     : std::true_type {};
 
 // Calls f(first, last) over [0, n), in blocks chosen by the device. cost is per item.
-template <class Device, class F>
+// Each block runs through Isa::run: compiled for the backend's target (with runtime
+// dispatch, the whole of f is inlined into a function built for it; simd/target.hpp).
+template <class Isa, class Device, class F>
 void parallel_for(const Device& device, Index n, const Eigen::TensorOpCost& cost, F&& f) {
   if (n <= 0) return;
   if constexpr (has_parallel_for<Device>::value) {
-    device.parallelFor(n, cost, std::function<void(Index, Index)>(std::forward<F>(f)));
+    device.parallelFor(n, cost, std::function<void(Index, Index)>([&f](Index a, Index b) {
+                         Isa::run([&] { f(a, b); });
+                       }));
   } else {
     (void)device;
     (void)cost;
-    f(Index{0}, n);
+    Isa::run([&] { f(Index{0}, n); });
   }
 }
 

@@ -73,7 +73,7 @@ template <class A, bool Unit>
 struct ShiftScale {
   typename A::V scale, shift, nshift;
   ShiftScale(double sc, double sh) : scale(A::set1(sc)), shift(A::set1(sh)), nshift(A::set1(-sh)) {}
-  typename A::V operator()(typename A::V v) const {
+  typename A::V operator()(const typename A::V& v) const {
     return Unit ? A::sub(v, shift) : A::fmadd(v, scale, nshift);
   }
 };
@@ -98,7 +98,7 @@ inline void shifted_sums_impl(const T* x, Index n, double scale, double shift, d
     pf.at<kUnroll * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
-      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+      P::widen(P::load(x + i + u * W), [&](const typename A::V& v) {
         typename A::V d = shs(v);
         a1[k] = A::add(a1[k], d);
         a2[k] = A::fmadd(d, d, a2[k]);
@@ -108,7 +108,7 @@ inline void shifted_sums_impl(const T* x, Index n, double scale, double shift, d
   }
   for (; i + W <= n; i += W) {
     int k = 0;
-    P::widen(P::load(x + i), [&](typename A::V v) {
+    P::widen(P::load(x + i), [&](const typename A::V& v) {
       typename A::V d = shs(v);
       a1[k] = A::add(a1[k], d);
       a2[k] = A::fmadd(d, d, a2[k]);
@@ -153,7 +153,7 @@ inline double sum_impl(const T* x, Index n, double scale, double shift, Prefetch
     pf.at<kUnroll * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
-      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+      P::widen(P::load(x + i + u * W), [&](const typename A::V& v) {
         a[k] = A::add(a[k], shs(v));
         ++k;
       });
@@ -161,7 +161,7 @@ inline double sum_impl(const T* x, Index n, double scale, double shift, Prefetch
   }
   for (; i + W <= n; i += W) {
     int k = 0;
-    P::widen(P::load(x + i), [&](typename A::V v) {
+    P::widen(P::load(x + i), [&](const typename A::V& v) {
       a[k] = A::add(a[k], shs(v));
       ++k;
     });
@@ -192,7 +192,7 @@ inline double sum_squares(const T* x, Index n, double scale) {
   for (; i + kUnroll * W <= n; i += kUnroll * W) {
     int k = 0;
     for (int u = 0; u < kUnroll; ++u) {
-      P::widen(P::load(x + i + u * W), [&](typename A::V v) {
+      P::widen(P::load(x + i + u * W), [&](const typename A::V& v) {
         typename A::V d = A::mul(v, vscale);
         a[k] = A::fmadd(d, d, a[k]);
         ++k;
@@ -201,7 +201,7 @@ inline double sum_squares(const T* x, Index n, double scale) {
   }
   for (; i + W <= n; i += W) {
     int k = 0;
-    P::widen(P::load(x + i), [&](typename A::V v) {
+    P::widen(P::load(x + i), [&](const typename A::V& v) {
       typename A::V d = A::mul(v, vscale);
       a[k] = A::fmadd(d, d, a[k]);
       ++k;
@@ -236,11 +236,11 @@ inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
   constexpr int B = 16;
   typename A::V as[K], aq[K];
   for (int k = 0; k < K; ++k) as[k] = aq[k] = A::zero();
-  auto flush = [&](V ts, V tq) {
+  auto flush = [&](const V& ts, const V& tq) {
     int k = 0;
-    P::widen(ts, [&](typename A::V v) { as[k] = A::add(as[k], v); ++k; });
+    P::widen(ts, [&](const typename A::V& v) { as[k] = A::add(as[k], v); ++k; });
     k = 0;
-    P::widen(tq, [&](typename A::V v) { aq[k] = A::add(aq[k], v); ++k; });
+    P::widen(tq, [&](const typename A::V& v) { aq[k] = A::add(aq[k], v); ++k; });
   };
   const V vs = P::set1(shift);
   Index i = 0;
@@ -306,9 +306,9 @@ inline double blocked_sum_squares(const T* x, Index n, Prefetch pf = {}) {
   constexpr int B = 16;
   typename A::V aq[K];
   for (int k = 0; k < K; ++k) aq[k] = A::zero();
-  auto flush = [&](V tq) {
+  auto flush = [&](const V& tq) {
     int k = 0;
-    P::widen(tq, [&](typename A::V v) { aq[k] = A::add(aq[k], v); ++k; });
+    P::widen(tq, [&](const typename A::V& v) { aq[k] = A::add(aq[k], v); ++k; });
   };
   Index i = 0;
   for (; i + B * W <= n; i += B * W) {
@@ -352,15 +352,17 @@ inline T median_of_5(T* v, int k) {
   return v[(k - 1) / 2];
 }
 
-// a * b + c for the scalar paths, fused where the target has FMA (as the vector paths
-// are), so that no instantiation is left to the compiler's contraction choices.
-template <class T>
+// a * b + c for the scalar paths (heads, tails) of backend Isa: fused where the backend
+// has FMA (as its vector paths are: Isa::has_fma), so that no instantiation is left to
+// the compiler's contraction choices. With runtime dispatch the AVX2 / AVX-512 code is
+// compiled for a target with FMA (Isa::run) even where the build's flags lack it, and
+// std::fma is one instruction there.
+template <class Isa, class T>
 inline T fmadd_s(T a, T b, T c) {
-#if defined(__FMA__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
+  if constexpr (Isa::has_fma)
+    return std::fma(a, b, c);
+  else
+    return a * b + c;
 }
 
 // Parameters of the element-wise passes: xhat = ((x - mean_hi) - mean_lo) * rstd when
@@ -378,8 +380,8 @@ struct Xhat {
   Xhat() = default;
   explicit Xhat(const RowAffine<T>& r) : hi(P::set1(r.mean_hi)), lo(P::set1(r.mean_lo)),
                                          rstd(P::set1(r.rstd)) {}
-  typename P::V operator()(typename P::V x) const {
-    if (Center) x = P::sub(P::sub(x, hi), lo);
+  typename P::V operator()(const typename P::V& x) const {
+    if (Center) return P::mul(P::sub(P::sub(x, hi), lo), rstd);
     return P::mul(x, rstd);
   }
   static T scalar(const RowAffine<T>& r, T x) {
@@ -417,7 +419,7 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   auto scalar_at = [&](Index i) {
     T v = X::scalar(r, x[i]);
     if (S != ScaleKind::None)
-      v = Shift ? fmadd_s(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
+      v = Shift ? fmadd_s<Isa>(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
     else if (Shift)
       v += beta[i];
     if (copy) copy[i] = x[i];
@@ -477,9 +479,9 @@ inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
     if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
     typename P::V xh = xhat(P::load(x + i));
     int k = 0;
-    P::widen(g, [&](typename A::V v) { ag[k] = A::add(ag[k], v); ++k; });
+    P::widen(g, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
     k = 0;
-    P::widen(P::mul(g, xh), [&](typename A::V v) { agx[k] = A::add(agx[k], v); ++k; });
+    P::widen(P::mul(g, xh), [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
   }
   double tg = 0.0, tgx = 0.0;
   for (; i < n; ++i) {
@@ -544,14 +546,14 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
       xs[r] = xh;
       pb[r] = d;
       if (WantDx) {
-        const T gma = S != ScaleKind::None ? fmadd_s(d, G::scalar(gamma + i), -q.a[r]) : d - q.a[r];
-        q.dx[r][i] = q.ra[r].rstd * fmadd_s(xh, -q.b[r], gma);
+        const T gma = S != ScaleKind::None ? fmadd_s<Isa>(d, G::scalar(gamma + i), -q.a[r]) : d - q.a[r];
+        q.dx[r][i] = q.ra[r].rstd * fmadd_s<Isa>(xh, -q.b[r], gma);
       }
     }
     if (WantDg) {
       T p = pb[0] * xs[0];
-      if (R >= 2) p = fmadd_s(pb[1], xs[1], p);
-      if (R == 4) p += fmadd_s(pb[3], xs[3], pb[2] * xs[2]);
+      if (R >= 2) p = fmadd_s<Isa>(pb[1], xs[1], p);
+      if (R == 4) p += fmadd_s<Isa>(pb[3], xs[3], pb[2] * xs[2]);
       dgamma_acc[i] += static_cast<double>(p);
     }
     auto add = [](T u, T v) { return u + v; };
@@ -571,7 +573,7 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
     vnb[r] = P::set1(-q.b[r]);
     vrstd[r] = P::set1(q.ra[r].rstd);
   }
-  auto add = [](VT u, VT v) { return P::add(u, v); };
+  auto add = [](const VT& u, const VT& v) { return P::add(u, v); };
   // Products that feed sums are written as explicit fmadds: left as mul then add, g++'s
   // default -ffp-contract=fast (GNU modes) may fuse them in one instantiation and not in
   // another, so that, say, dgamma alone and dgamma with dx would differ in the last bit.
@@ -605,14 +607,14 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
     }
     if (WantDg) {
       Index off = i;
-      P::widen(pg[0], [&](typename A::V v) {
+      P::widen(pg[0], [&](const typename A::V& v) {
         A::store(dgamma_acc + off, A::add(A::load(dgamma_acc + off), v));
         off += WA;
       });
     }
     if (WantDb) {
       Index off = i;
-      P::widen(pairwise<R>(pb, add), [&](typename A::V v) {
+      P::widen(pairwise<R>(pb, add), [&](const typename A::V& v) {
         A::store(dbeta_acc + off, A::add(A::load(dbeta_acc + off), v));
         off += WA;
       });
@@ -631,7 +633,7 @@ inline void adanorm(const T* x, T* y, Index n, const RowAffine<T>& r, T C, T k) 
   const T ck = C * k;
   auto scalar_at = [&](Index i) {
     const T z = X::scalar(r, x[i]);
-    y[i] = fmadd_s(-ck, z, C) * z;
+    y[i] = fmadd_s<Isa>(-ck, z, C) * z;
   };
   Index i = 0;
   if (Stream) {
@@ -668,8 +670,8 @@ inline void adanorm_backward(const T* dy, const T* x, T* dx, Index n, const RowA
   const T ck = Full ? T(2) * C * k : C * k;
   const X xhat(r);
   const V vnck = P::set1(-ck), vc = P::set1(C);
-  auto g_of = [&](V d, V z) { return P::mul(d, P::fmadd(vnck, z, vc)); };
-  auto g_s = [&](T d, T z) { return d * fmadd_s(-ck, z, C); };
+  auto g_of = [&](const V& d, const V& z) { return P::mul(d, P::fmadd(vnck, z, vc)); };
+  auto g_s = [&](T d, T z) { return d * fmadd_s<Isa>(-ck, z, C); };
   typename A::V a1[K], a2[K];
   for (int q = 0; q < K; ++q) a1[q] = a2[q] = A::zero();
   Index i = 0;
@@ -677,9 +679,9 @@ inline void adanorm_backward(const T* dy, const T* x, T* dx, Index n, const RowA
     const V z = xhat(P::load(x + i));
     const V g = g_of(P::load(dy + i), z);
     int q = 0;
-    P::widen(g, [&](typename A::V v) { a1[q] = A::add(a1[q], v); ++q; });
+    P::widen(g, [&](const typename A::V& v) { a1[q] = A::add(a1[q], v); ++q; });
     q = 0;
-    P::widen(P::mul(g, z), [&](typename A::V v) { a2[q] = A::add(a2[q], v); ++q; });
+    P::widen(P::mul(g, z), [&](const typename A::V& v) { a2[q] = A::add(a2[q], v); ++q; });
   }
   double t1 = 0.0, t2 = 0.0;
   for (; i < n; ++i) {
@@ -704,7 +706,7 @@ inline void adanorm_backward(const T* dy, const T* x, T* dx, Index n, const RowA
   }
   for (; i < n; ++i) {
     const T z = X::scalar(r, x[i]);
-    dx[i] = r.rstd * fmadd_s(z, -mgz, g_s(dy[i], z) - mg);
+    dx[i] = r.rstd * fmadd_s<Isa>(z, -mgz, g_s(dy[i], z) - mg);
   }
 }
 
@@ -739,7 +741,7 @@ inline void elementwise_backward(const T* dy, const T* x, const T* w, Index n,
   for (; i < n; ++i) {
     const T d = dy[i];
     const T xh = X::scalar(r, x[i]);
-    if (WantDx) dx[i] = r.rstd * fmadd_s(xh, -c, fmadd_s(d, w[i], -a));
+    if (WantDx) dx[i] = r.rstd * fmadd_s<Isa>(xh, -c, fmadd_s<Isa>(d, w[i], -a));
     if (WantDw) dw[i] = d * xh;
     if (WantDb) db[i] = d;
   }
@@ -754,7 +756,7 @@ inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {
   const typename P::V va = P::set1(alpha);
   Index i = 0;
   for (; i + W <= n; i += W) P::store(s + i, P::fmadd(va, P::load(x + i), P::load(r + i)));
-  for (; i < n; ++i) s[i] = fmadd_s(alpha, x[i], r[i]);
+  for (; i < n; ++i) s[i] = fmadd_s<Isa>(alpha, x[i], r[i]);
 }
 
 // Fused residual, forward, float rows: s = fma(alpha, x, r) written to s, and in the same
@@ -770,12 +772,12 @@ inline void residual_add_sums(const T* x, const T* r, T* s, Index n, T alpha, do
   constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
   typename A::V a1[K], a2[K];
   for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
-  const T s0 = n > 0 ? fmadd_s(alpha, x[0], r[0]) : T(0);
+  const T s0 = n > 0 ? fmadd_s<Isa>(alpha, x[0], r[0]) : T(0);
   const typename A::V vs0 = A::set1(Center ? static_cast<double>(s0) : 0.0);
   const typename P::V va = P::set1(alpha);
-  auto add = [&](typename P::V v, int k0) {
+  auto add = [&](const typename P::V& v, int k0) {
     int k = k0;
-    P::widen(v, [&](typename A::V w) {
+    P::widen(v, [&](const typename A::V& w) {
       const typename A::V d = Center ? A::sub(w, vs0) : w;
       if (Center) a1[k] = A::add(a1[k], d);
       a2[k] = A::fmadd(d, d, a2[k]);
@@ -797,10 +799,10 @@ inline void residual_add_sums(const T* x, const T* r, T* s, Index n, T alpha, do
   }
   double t1 = 0.0, t2 = 0.0;
   for (; i < n; ++i) {
-    s[i] = fmadd_s(alpha, x[i], r[i]);
+    s[i] = fmadd_s<Isa>(alpha, x[i], r[i]);
     const double d = static_cast<double>(s[i]) - (Center ? static_cast<double>(s0) : 0.0);
     t1 += d;
-    t2 = fmadd_s(d, d, t2);
+    t2 = fmadd_s<Isa>(d, d, t2);
   }
   for (int k = 1; k < K; ++k) {
     a1[0] = A::add(a1[0], a1[k]);

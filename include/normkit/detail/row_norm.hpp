@@ -367,7 +367,7 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
         if constexpr (!kC && kB) {
           return;
         } else {
-          parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+          parallel_for<Isa>(device, rows, cost, [&](Index r0, Index r1) {
             // Fused residual with streaming outputs: s is built in a row of scratch (L1)
             // and streamed out after y, so that the normalize pass reads it from cache.
             std::vector<T> scratch(res && kSt ? static_cast<std::size_t>(n) : 0);
@@ -548,7 +548,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Devic
     const Eigen::TensorOpCost cost(2.0 * static_cast<double>(n) * sizeof(T),
                                    static_cast<double>(n) * sizeof(T), 8.0 * static_cast<double>(n));
     with_bool(spec.ada_full_grad, [&](auto Full) {
-      parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+      parallel_for<Isa>(device, rows, cost, [&](Index r0, Index r1) {
         for (Index r = r0; r < r1; ++r)
           kernels::adanorm_backward<Isa, T, decltype(Full)::value>(
               q.dy + r * n, q.x + r * n, q.dx + r * n, n, {q.mean[r], q.mean_lo[r], q.rstd[r]},
@@ -641,7 +641,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Devic
               const Eigen::TensorOpCost cost(2.0 * bytes * static_cast<double>(rows / chunks),
                                              bytes * static_cast<double>(rows / chunks),
                                              6.0 * static_cast<double>(n * (rows / chunks)));
-              parallel_for(device, chunks, cost, [&](Index c0, Index c1) {
+              parallel_for<Isa>(device, chunks, cost, [&](Index c0, Index c1) {
                 for (Index c = c0; c < c1; ++c) {
                   double* base = acc.data() + c * acc_arrays * n;
                   do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
@@ -650,7 +650,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Devic
               });
             } else {
               const Eigen::TensorOpCost cost(2.0 * bytes, bytes, 6.0 * static_cast<double>(n));
-              parallel_for(device, rows, cost,
+              parallel_for<Isa>(device, rows, cost,
                            [&](Index r0, Index r1) { do_rows(r0, r1, nullptr, nullptr); });
             }
           }
@@ -668,7 +668,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Devic
   const Eigen::TensorOpCost cost(static_cast<double>(chunks * acc_arrays * kBlock) * 8.0,
                                  static_cast<double>(acc_arrays * kBlock) * sizeof(T),
                                  static_cast<double>(chunks * acc_arrays * kBlock));
-  parallel_for(device, blocks, cost, [&](Index b0, Index b1) {
+  parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
     double sg[kBlock], sb[kBlock];
     for (Index blk = b0; blk < b1; ++blk) {
       const Index j0 = blk * kBlock, len = std::min(kBlock, n - j0);
@@ -777,7 +777,7 @@ void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const V
     with_bool(dx.present, [&](auto Dx) {
       with_bool(dr.present, [&](auto Dr) {
         constexpr bool kDs = decltype(Ds)::value, kDx = decltype(Dx)::value, kDr = decltype(Dr)::value;
-        parallel_for(device, rows, cost, [&](Index r0, Index r1) {
+        parallel_for<Isa>(device, rows, cost, [&](Index r0, Index r1) {
           for (Index r = r0; r < r1; ++r)
             kernels::residual_grad<Isa, T, kDs, kDx, kDr>(
                 target.data + r * n, kDs ? ds.data + r * n : nullptr,

@@ -1,11 +1,18 @@
 // normkit: the AVX-512F backend (16 floats or 8 doubles per register). Built on the
 // AVX2 backend's conventions; only AVX-512F instructions are used, so any AVX-512 CPU
 // (Skylake-SP on) runs it.
+//
+// Every function carries the backend's target (NORMKIT_AVX512_FN, target.hpp), so that
+// it compiles without -mavx512f for runtime dispatch; registers travel wrapped in a
+// struct (V), which clang accepts across functions compiled without AVX-512 where a bare
+// __m512 would change the calling convention.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstddef>
+
+#include "target.hpp"
 
 namespace normkit {
 namespace detail {
@@ -16,51 +23,64 @@ namespace avx512 {
 // _mm512_extractf64x4_pd and _mm512_reduce_add_pd with _mm256_undefined_pd(), which its
 // own -Wuninitialized flags; the maskz forms with a full mask compile to the same
 // instructions without it.
-inline __m256d lo256(__m512d v) { return _mm512_maskz_extractf64x4_pd(0xFF, v, 0); }
-inline __m256d hi256(__m512d v) { return _mm512_maskz_extractf64x4_pd(0xFF, v, 1); }
+NORMKIT_AVX512_FN __m256d lo256(__m512d v) { return _mm512_maskz_extractf64x4_pd(0xFF, v, 0); }
+NORMKIT_AVX512_FN __m256d hi256(__m512d v) { return _mm512_maskz_extractf64x4_pd(0xFF, v, 1); }
 
 template <class T>
 struct Pack;
 
 template <>
-struct Pack<float> {
-  using V = __m512;
-  static constexpr std::size_t W = 16;
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
-  static V set1(float a) { return _mm512_set1_ps(a); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+struct Pack<double> {
+  struct V {
+    __m512d v;
+  };
+  static constexpr std::size_t W = 8;
+  static NORMKIT_AVX512_FN V load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static NORMKIT_AVX512_FN void store(double* p, const V& a) { _mm512_storeu_pd(p, a.v); }
+  static NORMKIT_AVX512_FN void stream(double* p, const V& a) { _mm512_stream_pd(p, a.v); }
+  static NORMKIT_AVX512_FN V set1(double a) { return {_mm512_set1_pd(a)}; }
+  static NORMKIT_AVX512_FN V add(const V& a, const V& b) { return {_mm512_add_pd(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V sub(const V& a, const V& b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V mul(const V& a, const V& b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V fmadd(const V& a, const V& b, const V& c) {
+    return {_mm512_fmadd_pd(a.v, b.v, c.v)};
+  }
   template <class F>
-  static void widen(V v, F&& f) {
-    f(_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(lo256(_mm512_castps_pd(v)))));
-    f(_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(hi256(_mm512_castps_pd(v)))));
+  static NORMKIT_AVX512_FN void widen(const V& a, F&& f) {
+    f(a);
   }
 };
 
 template <>
-struct Pack<double> {
-  using V = __m512d;
-  static constexpr std::size_t W = 8;
-  static V load(const double* p) { return _mm512_loadu_pd(p); }
-  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-  static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
-  static V set1(double a) { return _mm512_set1_pd(a); }
-  static V add(V a, V b) { return _mm512_add_pd(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+struct Pack<float> {
+  struct V {
+    __m512 v;
+  };
+  static constexpr std::size_t W = 16;
+  static NORMKIT_AVX512_FN V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static NORMKIT_AVX512_FN void store(float* p, const V& a) { _mm512_storeu_ps(p, a.v); }
+  // p 64-byte aligned
+  static NORMKIT_AVX512_FN void stream(float* p, const V& a) { _mm512_stream_ps(p, a.v); }
+  static NORMKIT_AVX512_FN V set1(float a) { return {_mm512_set1_ps(a)}; }
+  static NORMKIT_AVX512_FN V add(const V& a, const V& b) { return {_mm512_add_ps(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V sub(const V& a, const V& b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V mul(const V& a, const V& b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static NORMKIT_AVX512_FN V fmadd(const V& a, const V& b, const V& c) {
+    return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+  }
+  // Calls f with the low, then the high 8 lanes, each widened exactly to double.
   template <class F>
-  static void widen(V v, F&& f) { f(v); }
+  static NORMKIT_AVX512_FN void widen(const V& a, F&& f) {
+    const __m512d d = _mm512_castps_pd(a.v);
+    f(Pack<double>::V{_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(lo256(d)))});
+    f(Pack<double>::V{_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(hi256(d)))});
+  }
 };
 
 struct Acc : Pack<double> {
-  static V zero() { return _mm512_setzero_pd(); }
-  static double reduce(V a) {
-    const __m256d s4 = _mm256_add_pd(lo256(a), hi256(a));
+  static NORMKIT_AVX512_FN V zero() { return {_mm512_setzero_pd()}; }
+  static NORMKIT_AVX512_FN double reduce(const V& a) {
+    const __m256d s4 = _mm256_add_pd(lo256(a.v), hi256(a.v));
     const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
   }
@@ -69,10 +89,17 @@ struct Acc : Pack<double> {
 struct Isa {
   static constexpr int level = 2;
   static constexpr const char* name = "avx512";
+  static constexpr bool has_fma = true;  // fmadd and the scalar paths are fused
   template <class T>
   using Pack = avx512::Pack<T>;
   using Acc = avx512::Acc;
   static void fence() { _mm_sfence(); }
+  // The door into this backend's code (target.hpp): f and everything it calls, compiled
+  // for AVX-512.
+  template <class F>
+  static NORMKIT_RUN_AVX512 void run(F&& f) {
+    f();
+  }
 };
 
 }  // namespace avx512

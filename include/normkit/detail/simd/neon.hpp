@@ -62,6 +62,7 @@ struct Acc : Pack<double> {
 struct Isa {
   static constexpr int level = 1;
   static constexpr const char* name = "neon";
+  static constexpr bool has_fma = true;  // fmadd and the kernels' scalar paths fused
   template <class T>
   using Pack = neon::Pack<T>;
   using Acc = neon::Acc;

@@ -60,10 +60,21 @@ struct Acc {
 struct Isa {
   static constexpr int level = 0;
   static constexpr const char* name = "scalar";
+#if defined(__FMA__)
+  static constexpr bool has_fma = true;  // fmadd and the kernels' scalar paths fused
+#else
+  static constexpr bool has_fma = false;
+#endif
   template <class T>
   using Pack = scalar::Pack<T>;
   using Acc = scalar::Acc;
   static void fence() {}
+  // The door into this backend's code: a plain call (the x86 backends compile f for
+  // their target there).
+  template <class F>
+  static void run(F&& f) {
+    f();
+  }
 };
 
 }  // namespace scalar
