@@ -4,7 +4,8 @@
 #      (unit tests per SIMD backend, the examples, the MPI example on 2 and 3 ranks,
 #      the install/consumer package tests);
 #   2. ASan + UBSan (NORMKIT_SANITIZE), Debug at -O1, -Werror, tests only (the widest
-#      test variant this CPU runs): build, ctest.
+#      test variant this CPU runs): build, ctest;
+#   3. aarch64: the tests cross-compiled and run under qemu (scripts/run-tests-aarch64.sh).
 # Installs the Debian packages it needs when they are missing (run as root, or with sudo).
 # Build dirs: build/gcc-release, build/asan-ubsan. Ends with "run-tests: N passed, 0 failed".
 set -euo pipefail
@@ -67,6 +68,20 @@ fi
 log "$step: ctest"
 ctest_in build/asan-ubsan
 
+step="aarch64 (qemu)"
+# The NEON backend: the suite cross-compiled for aarch64 and run under qemu-user
+# (scripts/run-tests-aarch64.sh installs its own packages).
+log "$step: scripts/run-tests-aarch64.sh"
+aarch64_log="build/aarch64-run.log"
+mkdir -p build
+bash scripts/run-tests-aarch64.sh 2>&1 | tee "$aarch64_log"
+n="$(sed -n 's/^run-tests-aarch64: \([0-9][0-9]*\) passed, 0 failed$/\1/p' "$aarch64_log")"
+if [ -z "$n" ]; then
+  echo "error: the aarch64 suite did not report its passed tests" >&2
+  exit 1
+fi
+passed=$((passed + n))
+
 step="summary"
-log "run-tests: both configurations passed in ${SECONDS}s"
+log "run-tests: all configurations passed in ${SECONDS}s"
 echo "run-tests: ${passed} passed, 0 failed"

@@ -26,6 +26,12 @@
 #define NORMKIT_ARCH_ARM64 1
 #endif
 
+// Whether the build's flags give a fused multiply-add (x86 -mfma; aarch64 always): the
+// scalar backend fuses a * b + c then, as the vector backends always do.
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define NORMKIT_HAS_FMA 1
+#endif
+
 // NORMKIT_ISA: the widest backend the compiler's target flags allow (compile-time
 // selection, as with -march=native).
 #if defined(NORMKIT_ARCH_ARM64) && NORMKIT_MAX_ISA >= NORMKIT_ISA_NEON

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include "../config.hpp"
+
 namespace normkit {
 namespace detail {
 namespace simd {
@@ -26,7 +28,7 @@ struct Pack {
   // optimization level: g++ contracts a * b + c into an fma at -O2 but not at -O1, so an
   // unfused expression would round differently in Release and sanitizer builds.
   static V fmadd(V a, V b, V c) {
-#if defined(__FMA__)
+#if defined(NORMKIT_HAS_FMA)
     return std::fma(a, b, c);
 #else
     return a * b + c;
@@ -46,7 +48,7 @@ struct Acc {
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V fmadd(V a, V b, V c) {
-#if defined(__FMA__)
+#if defined(NORMKIT_HAS_FMA)
     return std::fma(a, b, c);
 #else
     return a * b + c;
@@ -60,7 +62,7 @@ struct Acc {
 struct Isa {
   static constexpr int level = 0;
   static constexpr const char* name = "scalar";
-#if defined(__FMA__)
+#if defined(NORMKIT_HAS_FMA)
   static constexpr bool has_fma = true;  // fmadd and the kernels' scalar paths fused
 #else
   static constexpr bool has_fma = false;
