@@ -298,14 +298,7 @@ void add_onednn(const Nchw& d, int t, Dir dir) {
         forward(st, 1);
         if (dr == Dir::Bwd) backward(st, 1);
         const normkit::RowStats<float>& saved = st.saved;
-        mean.resize(static_cast<std::size_t>(d.c));
-        rstd.resize(static_cast<std::size_t>(d.c));
-        for (Index c = 0; c < d.c; ++c) {
-          const auto k = static_cast<std::size_t>(c);
-          const double lo = saved.mean_lo.size() == d.c ? saved.mean_lo(c) : 0.0f;
-          mean[k] = static_cast<double>(saved.mean(c)) + lo;
-          rstd[k] = saved.rstd(c);
-        }
+        onednn_check::saved_in_double(saved, d.c, mean, rstd);
       });
 }
 #endif

@@ -121,14 +121,7 @@ void add_onednn(const Shape& s, int t, Dir dir) {
         normkit::RowStats<float> saved;
         forward(w, 1, saved);
         if (d == Dir::Bwd) backward(w, 1, saved);
-        mean.resize(static_cast<std::size_t>(s.rows));
-        rstd.resize(static_cast<std::size_t>(s.rows));
-        for (Index r = 0; r < s.rows; ++r) {
-          const auto k = static_cast<std::size_t>(r);
-          const double lo = saved.mean_lo.size() == s.rows ? saved.mean_lo(r) : 0.0f;
-          mean[k] = static_cast<double>(saved.mean(r)) + lo;
-          rstd[k] = saved.rstd(r);
-        }
+        onednn_check::saved_in_double(saved, s.rows, mean, rstd);
       });
 }
 #endif

@@ -103,6 +103,29 @@ struct Norm::Impl {
   std::unordered_map<int, memory> fwd_args, bwd_args;
   std::string fwd_impl, bwd_impl;
 
+  // A primitive pair over `stats` statistics, run with `threads` threads.
+  static std::unique_ptr<Impl> make(int threads, std::int64_t stats) {
+    auto impl = std::make_unique<Impl>();
+    impl->threads = threads;
+    impl->stats = stats;
+    impl->mean.assign(static_cast<std::size_t>(stats), 0.0f);
+    impl->variance.assign(static_cast<std::size_t>(stats), 0.0f);
+    use_threads(threads);
+    return impl;
+  }
+
+  // The primitives of the two descriptors, their names, and their arguments.
+  template <class F, class B>
+  void finish(const typename F::primitive_desc& fpd, const typename B::primitive_desc& bpd,
+              const memory::desc& data, const memory::desc& stat, const memory::desc& param,
+              const Buffers& b) {
+    fwd = F(fpd);
+    bwd = B(bpd);
+    fwd_impl = fpd.impl_info_str();
+    bwd_impl = bpd.impl_info_str();
+    bind_args(data, stat, param, b);
+  }
+
   // data: x, y, dy, dx; stat: mean, variance; param: gamma, beta, dgamma, dbeta.
   void bind_args(const memory::desc& data, const memory::desc& stat, const memory::desc& param,
                  const Buffers& b) {
@@ -132,12 +155,7 @@ dnnl::normalization_flags scale_shift() {
 
 std::unique_ptr<Norm> Norm::layer(std::int64_t rows, std::int64_t features, float eps, int threads,
                                   const Buffers& b) {
-  auto impl = std::make_unique<Impl>();
-  impl->threads = threads;
-  impl->stats = rows;
-  impl->mean.assign(static_cast<std::size_t>(rows), 0.0f);
-  impl->variance.assign(static_cast<std::size_t>(rows), 0.0f);
-  use_threads(threads);
+  auto impl = Impl::make(threads, rows);
 
   const memory::desc data({rows, features}, dt::f32, tag::ab);
   const memory::desc stat({rows}, dt::f32, tag::a);
@@ -148,22 +166,13 @@ std::unique_ptr<Norm> Norm::layer(std::int64_t rows, std::int64_t features, floa
       F::desc(dnnl::prop_kind::forward_training, data, stat, eps, scale_shift()), cpu_engine());
   const B::primitive_desc bpd(
       B::desc(dnnl::prop_kind::backward, data, data, stat, eps, scale_shift()), cpu_engine(), fpd);
-  impl->fwd = F(fpd);
-  impl->bwd = B(bpd);
-  impl->fwd_impl = fpd.impl_info_str();
-  impl->bwd_impl = bpd.impl_info_str();
-  impl->bind_args(data, stat, param, b);
+  impl->finish<F, B>(fpd, bpd, data, stat, param, b);
   return std::unique_ptr<Norm>(new Norm(std::move(impl)));
 }
 
 std::unique_ptr<Norm> Norm::batch(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w,
                                   float eps, int threads, const Buffers& b) {
-  auto impl = std::make_unique<Impl>();
-  impl->threads = threads;
-  impl->stats = c;
-  impl->mean.assign(static_cast<std::size_t>(c), 0.0f);
-  impl->variance.assign(static_cast<std::size_t>(c), 0.0f);
-  use_threads(threads);
+  auto impl = Impl::make(threads, c);
 
   const memory::desc data({n, c, h, w}, dt::f32, tag::nchw);
   const memory::desc stat({c}, dt::f32, tag::a);
@@ -174,11 +183,7 @@ std::unique_ptr<Norm> Norm::batch(std::int64_t n, std::int64_t c, std::int64_t h
                               cpu_engine());
   const B::primitive_desc bpd(B::desc(dnnl::prop_kind::backward, data, data, eps, scale_shift()),
                               cpu_engine(), fpd);
-  impl->fwd = F(fpd);
-  impl->bwd = B(bpd);
-  impl->fwd_impl = fpd.impl_info_str();
-  impl->bwd_impl = bpd.impl_info_str();
-  impl->bind_args(data, stat, param, b);
+  impl->finish<F, B>(fpd, bpd, data, stat, param, b);
   return std::unique_ptr<Norm>(new Norm(std::move(impl)));
 }
 

@@ -83,6 +83,19 @@ using OnednnCreate = std::function<std::unique_ptr<onednn::Norm>(const onednn::B
 
 namespace onednn_check {
 
+// normkit's saved statistics in double: mean (mean + mean_lo where saved) and rstd, for
+// `count` statistics.
+inline void saved_in_double(const normkit::RowStats<float>& saved, Index count,
+                            std::vector<double>& mean, std::vector<double>& rstd) {
+  mean.resize(static_cast<std::size_t>(count));
+  rstd.resize(static_cast<std::size_t>(count));
+  for (Index k = 0; k < count; ++k) {
+    const double lo = saved.mean_lo.size() == count ? saved.mean_lo(k) : 0.0f;
+    mean[static_cast<std::size_t>(k)] = static_cast<double>(saved.mean(k)) + lo;
+    rstd[static_cast<std::size_t>(k)] = saved.rstd(k);
+  }
+}
+
 struct Compared {
   std::string what;
   double err = 0.0;
