@@ -570,7 +570,7 @@ void check_res_backward(const Op& o, const ResProblem<T>& rp, const ResGrad<T>& 
   adref::residual_backward(o.rop, with_ds ? rp.ds.data() : static_cast<const T*>(nullptr),
                            rp.pr.dy.data(), s, rows, n, rp.pr.gamma.data(), rp.alpha, gr, dxr, drr,
                            dgr, dbr);
-  const auto info = row_info(o.rop.eps, o.rop.center, s, rows, n, false);
+  const auto info = row_info(o.rop.eps, o.rop.center, s, rows, n);
   const double eT = nt::eps_of<T>(), a = std::fabs(rp.alpha);
   Mismatch mx, mr;
   std::vector<double> G(n);
@@ -702,18 +702,7 @@ FdResult fd_ada(const Ada<double>& o, Index n, std::uint64_t seed) {
     const auto cond = make_cond<3, Eigen::RowMajor>(pr, c1v.data(), c2v.data());
     o.op.forward(nt::cmap<double, 3, Eigen::RowMajor>(xv.data(), d), cond,
                  nt::map<double, 3, Eigen::RowMajor>(y.data(), d));
-    LD l = 0;
-    for (std::size_t i = 0; i < N; ++i) l += static_cast<LD>(pr.dy[i]) * y[i];
-    return static_cast<double>(l);
-  };
-  auto central = [&](double& v, double h) {
-    const double v0 = v;
-    v = v0 + h;
-    const double lp = loss();
-    v = v0 - h;
-    const double lm = loss();
-    v = v0;
-    return (lp - lm) / (2 * h);
+    return nt::weighted_sum(pr.dy.data(), y.data(), N);
   };
   const auto b = run_ada<3, Eigen::RowMajor>(o, pr, false);
   const auto info = row_info(o.rop.eps, true, pr.x.data(), static_cast<std::size_t>(pr.rows),
@@ -739,7 +728,7 @@ FdResult fd_ada(const Ada<double>& o, Index n, std::uint64_t seed) {
     const double tol = 5 * h * h * ri.rstd * ri.rstd * ri.rstd * sum_g + round / h;
     for (std::size_t i = 0; i < nu; ++i) {
       const std::size_t j = ru * nu + i;
-      const double fd = central(xv[j], h);
+      const double fd = nt::central(loss, xv[j], h);
       mx.check(b.dx[j], fd, tol, j, "dx vs finite difference");
       res.max_diff = std::max(res.max_diff, std::fabs(b.dx[j] - fd));
       res.max_tol = std::max(res.max_tol, tol);
@@ -747,8 +736,8 @@ FdResult fd_ada(const Ada<double>& o, Index n, std::uint64_t seed) {
   }
   const double hc = 1e-3;
   for (std::size_t c = 0; c < c1v.size(); ++c) {
-    mc.check(b.d1[c], central(c1v[c], hc), round / hc, c, "dcond1 vs finite difference");
-    mc.check(b.d2[c], central(c2v[c], hc), round / hc, c, "dcond2 vs finite difference");
+    mc.check(b.d1[c], nt::central(loss, c1v[c], hc), round / hc, c, "dcond1 vs finite difference");
+    mc.check(b.d2[c], nt::central(loss, c2v[c], hc), round / hc, c, "dcond2 vs finite difference");
   }
   INFO(mc.first);
   CHECK(mc.count == 0);
@@ -783,15 +772,6 @@ void fd_residual(const Op& o, Index n, double alpha, std::uint64_t seed) {
       l += static_cast<LD>(rp.ds[i]) * s[i] + static_cast<LD>(rp.pr.dy[i]) * y[i];
     return static_cast<double>(l);
   };
-  auto central = [&](double& v, double h) {
-    const double v0 = v;
-    v = v0 + h;
-    const double lp = loss();
-    v = v0 - h;
-    const double lm = loss();
-    v = v0;
-    return (lp - lm) / (2 * h);
-  };
   const auto f = res_forward<2, Eigen::RowMajor>(o, rp, 0);
   const auto b = res_backward<2, Eigen::RowMajor>(o, rp, f.st, 0, false);
   double sum = 0;
@@ -810,16 +790,16 @@ void fd_residual(const Op& o, Index n, double alpha, std::uint64_t seed) {
     for (std::size_t i = 0; i < nu; ++i) {
       const std::size_t j = r * nu + i;
       const double st_round = 2 * DBL_EPSILON * std::fabs(f.s[j]) * std::fabs(b.dr[j]);
-      m.check(b.dx[j], central(xv[j], h), alpha * trunc + round / h + alpha * st_round / h, j,
+      m.check(b.dx[j], nt::central(loss, xv[j], h), alpha * trunc + round / h + alpha * st_round / h, j,
               "dx vs finite difference");
-      m.check(b.dr[j], central(rv[j], delta), trunc + round / delta + st_round / delta, j,
+      m.check(b.dr[j], nt::central(loss, rv[j], delta), trunc + round / delta + st_round / delta, j,
               "dr vs finite difference");
     }
   }
   const double hg = 1e-3;
   for (std::size_t i = 0; i < static_cast<std::size_t>(n); ++i) {
-    m.check(b.dg[i], central(gv[i], hg), round / hg, i, "dgamma vs finite difference");
-    if (o.rop.shift) m.check(b.db[i], central(bv[i], hg), round / hg, i, "dbeta vs finite difference");
+    m.check(b.dg[i], nt::central(loss, gv[i], hg), round / hg, i, "dgamma vs finite difference");
+    if (o.rop.shift) m.check(b.db[i], nt::central(loss, bv[i], hg), round / hg, i, "dbeta vs finite difference");
   }
   INFO(m.first);
   CHECK(m.count == 0);

@@ -813,18 +813,7 @@ TEST_CASE("Channel norms: training backward against central finite differences i
           a.p = affine_of(mode, gb.data(), bb.data(), I(s.C));
           a.saved = &sv;
           call(op, Call::Fwd, true, mem, a);
-          LD l = 0;
-          for (std::size_t i = 0; i < y.size(); ++i) l += static_cast<LD>(dyb[i]) * y[i];
-          return static_cast<double>(l);
-        };
-        auto central = [&](double& v, double h) {
-          const double v0 = v;
-          v = v0 + h;
-          const double lp = loss();
-          v = v0 - h;
-          const double lm = loss();
-          v = v0;
-          return (lp - lm) / (2 * h);
+          return nt::weighted_sum(dyb.data(), y.data(), y.size());
         };
         const auto p = affine_of(mode, gb.data(), bb.data(), I(s.C));
         const auto res = run(op, pr, xb, dyb, p, true, false, false);
@@ -846,12 +835,12 @@ TEST_CASE("Channel norms: training backward against central finite differences i
               const std::size_t k = ref::stat_of(op.r, s, n, c), j = pr.at(n, c, m);
               const double rstd = Dl(st.rstd[k]), h = 1e-4 / rstd;
               const double tol = 5 * h * h * rstd * rstd * rstd * sum_g[k] + round / h;
-              mm.check(res.dx[j], central(xb[j], h), tol, j, "dx vs finite difference");
+              mm.check(res.dx[j], nt::central(loss, xb[j], h), tol, j, "dx vs finite difference");
             }
         const double hg = 1e-3;
         for (std::size_t c = 0; c < s.C; ++c) {
-          if (op.r.scale) mm.check(res.dg[c], central(gb[c], hg), round / hg, c, "dgamma vs finite difference");
-          if (op.r.shift) mm.check(res.db[c], central(bb[c], hg), round / hg, c, "dbeta vs finite difference");
+          if (op.r.scale) mm.check(res.dg[c], nt::central(loss, gb[c], hg), round / hg, c, "dgamma vs finite difference");
+          if (op.r.shift) mm.check(res.db[c], nt::central(loss, bb[c], hg), round / hg, c, "dbeta vs finite difference");
         }
         INFO(mm.first);
         CHECK(mm.count == 0);

@@ -8,7 +8,6 @@
 #include "test_util.hpp"
 
 namespace k = normkit::detail::kernels;
-using Best = nt::KernelIsa;
 using Scalar = normkit::detail::simd::scalar::Isa;
 using normkit::detail::ScaleKind;
 using nt::Buffer;
@@ -16,9 +15,12 @@ using nt::Index;
 
 namespace {
 
-template <class T>
+// The test cases run the backend the ops run (simd::visit: with runtime dispatch the one
+// active in this process, chosen by NORMKIT_ISA; a wider one may not run on this CPU),
+// passing it to the cases below as Best.
+template <class Best, class T>
 std::vector<Index> lengths() {
-  const auto N = static_cast<Index>(Best::Pack<T>::W);
+  const auto N = static_cast<Index>(Best::template Pack<T>::W);
   std::vector<Index> v{1, 3, 7, 15, 16, 17, N - 1, N, N + 1, 3 * N, 8 * N + 2, 1000};
   v.erase(std::remove(v.begin(), v.end(), Index{0}), v.end());
   return v;
@@ -34,39 +36,42 @@ double sum_tol(Index n, double sum_abs) {
 
 TEMPLATE_TEST_CASE("simd: reductions match the scalar twin", "[simd]", float, double) {
   using T = TestType;
-  INFO("backend " << Best::name << ", " << Best::Pack<T>::W << " lanes");
-  for (Index n : lengths<T>())
-    for (std::size_t shift : {0, 1}) {
-      INFO("n = " << n << ", shift = " << shift);
-      Buffer<T> x(static_cast<std::size_t>(n), shift);
-      nt::fill_normal(x.data(), x.n, static_cast<std::uint64_t>(n), 3.0, 2.0);
-      double sa = 0, sa2 = 0;
-      const double shift_v = 2.75;
-      for (std::size_t i = 0; i < x.n; ++i) {
-        sa += std::fabs(static_cast<double>(x[i]));
-        sa2 += (static_cast<double>(x[i]) - shift_v) * (static_cast<double>(x[i]) - shift_v);
+  normkit::detail::simd::visit<normkit::detail::simd::Best>([](auto isa) {
+    using Best = decltype(isa);
+    INFO("backend " << Best::name << ", " << Best::template Pack<T>::W << " lanes");
+    for (Index n : lengths<Best, T>())
+      for (std::size_t shift : {0, 1}) {
+        INFO("n = " << n << ", shift = " << shift);
+        Buffer<T> x(static_cast<std::size_t>(n), shift);
+        nt::fill_normal(x.data(), x.n, static_cast<std::uint64_t>(n), 3.0, 2.0);
+        double sa = 0, sa2 = 0;
+        const double shift_v = 2.75;
+        for (std::size_t i = 0; i < x.n; ++i) {
+          sa += std::fabs(static_cast<double>(x[i]));
+          sa2 += (static_cast<double>(x[i]) - shift_v) * (static_cast<double>(x[i]) - shift_v);
+        }
+        for (double scale : {1.0, 0x1p-70}) {
+          double a = 0;
+          Best::run([&] { a = k::sum<Best>(x.data(), n, scale, shift_v * scale); });
+          const double b = k::sum<Scalar>(x.data(), n, scale, shift_v * scale);
+          CHECK(std::fabs(a - b) <= sum_tol(n, (sa + shift_v * static_cast<double>(n)) * scale));
+          double q1 = 0;
+          Best::run([&] { q1 = k::sum_squares<Best>(x.data(), n, scale); });
+          const double q2 = k::sum_squares<Scalar>(x.data(), n, scale);
+          CHECK(std::fabs(q1 - q2) <= sum_tol(n, q2));
+          double s1, s2, t1, t2;
+          Best::run([&] { k::shifted_sums<Best>(x.data(), n, scale, shift_v * scale, s1, s2); });
+          k::shifted_sums<Scalar>(x.data(), n, scale, shift_v * scale, t1, t2);
+          CHECK(std::fabs(s1 - t1) <= sum_tol(n, (sa + shift_v * static_cast<double>(n)) * scale));
+          CHECK(std::fabs(s2 - t2) <= sum_tol(n, sa2 * scale * scale));
+        }
       }
-      for (double scale : {1.0, 0x1p-70}) {
-        double a = 0;
-        Best::run([&] { a = k::sum<Best>(x.data(), n, scale, shift_v * scale); });
-        const double b = k::sum<Scalar>(x.data(), n, scale, shift_v * scale);
-        CHECK(std::fabs(a - b) <= sum_tol(n, (sa + shift_v * static_cast<double>(n)) * scale));
-        double q1 = 0;
-        Best::run([&] { q1 = k::sum_squares<Best>(x.data(), n, scale); });
-        const double q2 = k::sum_squares<Scalar>(x.data(), n, scale);
-        CHECK(std::fabs(q1 - q2) <= sum_tol(n, q2));
-        double s1, s2, t1, t2;
-        Best::run([&] { k::shifted_sums<Best>(x.data(), n, scale, shift_v * scale, s1, s2); });
-        k::shifted_sums<Scalar>(x.data(), n, scale, shift_v * scale, t1, t2);
-        CHECK(std::fabs(s1 - t1) <= sum_tol(n, (sa + shift_v * static_cast<double>(n)) * scale));
-        CHECK(std::fabs(s2 - t2) <= sum_tol(n, sa2 * scale * scale));
-      }
-    }
+  });
 }
 
 namespace {
 
-template <class T, bool C, ScaleKind S, bool B>
+template <class Best, class T, bool C, ScaleKind S, bool B>
 void normalize_case(Index n, std::size_t shift) {
   Buffer<T> x(static_cast<std::size_t>(n), shift), g(x.n, shift), b(x.n, shift), y1(x.n, shift),
       y2(x.n, 0), y3(x.n, shift + 1);
@@ -99,7 +104,7 @@ void normalize_case(Index n, std::size_t shift) {
   CHECK(ms.count == 0);
 }
 
-template <class T, bool C, ScaleKind S, bool Dx, bool Dg, bool Db, int R>
+template <class Best, class T, bool C, ScaleKind S, bool Dx, bool Dg, bool Db, int R>
 void backward_rows_case(Index n, std::size_t shift) {
   // R rows in one buffer, row stride n (as the op lays them out), misaligned by shift.
   const auto N = static_cast<std::size_t>(n) * R;
@@ -168,7 +173,7 @@ void backward_rows_case(Index n, std::size_t shift) {
   CHECK(m.count == 0);
 }
 
-template <class T, bool C, ScaleKind S, bool Dx, bool Dg, bool Db>
+template <class Best, class T, bool C, ScaleKind S, bool Dx, bool Dg, bool Db>
 void backward_case(Index n, std::size_t shift) {
   Buffer<T> x(static_cast<std::size_t>(n), shift), g(x.n, shift), dy(x.n, 0), dx1(x.n, shift),
       dx2(x.n, 0);
@@ -191,33 +196,36 @@ void backward_case(Index n, std::size_t shift) {
   CHECK(std::fabs(sg1 - sg2) <= (2 * nt::eps_of<T>() + sum_tol(n, 1.0)) * ag);
   CHECK(std::fabs(sgx1 - sgx2) <= (4 * nt::eps_of<T>() + sum_tol(n, 1.0)) * agx);
 
-  backward_rows_case<T, C, S, Dx, Dg, Db, 1>(n, shift);
-  backward_rows_case<T, C, S, Dx, Dg, Db, 4>(n, shift);
+  backward_rows_case<Best, T, C, S, Dx, Dg, Db, 1>(n, shift);
+  backward_rows_case<Best, T, C, S, Dx, Dg, Db, 4>(n, shift);
 }
 
 }  // namespace
 
 TEMPLATE_TEST_CASE("simd: element-wise passes match the scalar twin", "[simd]", float, double) {
   using T = TestType;
-  INFO("backend " << Best::name);
-  for (Index n : lengths<T>())
-    for (std::size_t shift : {0, 1}) {
-      INFO("n = " << n << ", shift = " << shift);
-      normalize_case<T, true, ScaleKind::Gamma, true>(n, shift);
-      normalize_case<T, true, ScaleKind::Gamma, false>(n, shift);
-      normalize_case<T, true, ScaleKind::None, true>(n, shift);
-      normalize_case<T, true, ScaleKind::None, false>(n, shift);
-      normalize_case<T, false, ScaleKind::Gamma, false>(n, shift);
-      normalize_case<T, false, ScaleKind::OnePlusGamma, false>(n, shift);
-      normalize_case<T, false, ScaleKind::None, false>(n, shift);
-      backward_case<T, true, ScaleKind::Gamma, true, true, true>(n, shift);
-      backward_case<T, true, ScaleKind::Gamma, true, false, false>(n, shift);
-      backward_case<T, true, ScaleKind::Gamma, false, true, true>(n, shift);
-      backward_case<T, true, ScaleKind::None, true, false, false>(n, shift);
-      backward_case<T, false, ScaleKind::Gamma, true, true, false>(n, shift);
-      backward_case<T, false, ScaleKind::OnePlusGamma, true, true, false>(n, shift);
-      backward_case<T, false, ScaleKind::None, true, false, false>(n, shift);
-    }
+  normkit::detail::simd::visit<normkit::detail::simd::Best>([](auto isa) {
+    using Best = decltype(isa);
+    INFO("backend " << Best::name);
+    for (Index n : lengths<Best, T>())
+      for (std::size_t shift : {0, 1}) {
+        INFO("n = " << n << ", shift = " << shift);
+        normalize_case<Best, T, true, ScaleKind::Gamma, true>(n, shift);
+        normalize_case<Best, T, true, ScaleKind::Gamma, false>(n, shift);
+        normalize_case<Best, T, true, ScaleKind::None, true>(n, shift);
+        normalize_case<Best, T, true, ScaleKind::None, false>(n, shift);
+        normalize_case<Best, T, false, ScaleKind::Gamma, false>(n, shift);
+        normalize_case<Best, T, false, ScaleKind::OnePlusGamma, false>(n, shift);
+        normalize_case<Best, T, false, ScaleKind::None, false>(n, shift);
+        backward_case<Best, T, true, ScaleKind::Gamma, true, true, true>(n, shift);
+        backward_case<Best, T, true, ScaleKind::Gamma, true, false, false>(n, shift);
+        backward_case<Best, T, true, ScaleKind::Gamma, false, true, true>(n, shift);
+        backward_case<Best, T, true, ScaleKind::None, true, false, false>(n, shift);
+        backward_case<Best, T, false, ScaleKind::Gamma, true, true, false>(n, shift);
+        backward_case<Best, T, false, ScaleKind::OnePlusGamma, true, true, false>(n, shift);
+        backward_case<Best, T, false, ScaleKind::None, true, false, false>(n, shift);
+      }
+  });
 }
 
 TEST_CASE("simd: the backend under test is the one this variant was built for", "[simd]") {
@@ -229,7 +237,7 @@ TEST_CASE("simd: the backend under test is the one this variant was built for", 
   REQUIRE(want != nullptr);
   CHECK(std::string(normkit::active_isa()) == want);
 #elif defined(NORMKIT_EXPECT_ISA)
-  CHECK(Best::level == NORMKIT_EXPECT_ISA);
+  CHECK(normkit::detail::simd::Best::level == NORMKIT_EXPECT_ISA);
 #endif
   SUCCEED(normkit::active_isa());
 }

@@ -22,17 +22,6 @@
 
 namespace nt {
 
-// The backend the ops run by default: Best, or with runtime dispatch (simd::Dynamic) the
-// one chosen for this process. Kernel-level tests need a type: with dispatch, the widest
-// compiled backend (its kernels called directly; the ops run the dispatched one).
-#if defined(NORMKIT_DISPATCH) && NORMKIT_COMPILED_ISA >= NORMKIT_ISA_AVX512
-using KernelIsa = normkit::detail::simd::avx512::Isa;
-#elif defined(NORMKIT_DISPATCH)
-using KernelIsa = normkit::detail::simd::avx2::Isa;
-#else
-using KernelIsa = normkit::detail::simd::Best;
-#endif
-
 // Lanes of T in the backend the ops run.
 template <class T>
 std::ptrdiff_t best_lanes() {
@@ -143,5 +132,26 @@ struct Mismatch {
     }
   }
 };
+
+// Finite differences in double. The loss L = sum_i w_i y_i, summed in long double, has
+// dL/dy = w: backward's dy. central: (L(v + h) - L(v - h)) / 2h for one input v of the
+// loss (which reads v through a reference), restoring v.
+template <class W>
+double weighted_sum(const W* w, const double* y, std::size_t n) {
+  LD l = 0;
+  for (std::size_t i = 0; i < n; ++i) l += static_cast<LD>(w[i]) * y[i];
+  return static_cast<double>(l);
+}
+
+template <class L>
+double central(const L& loss, double& v, double h) {
+  const double v0 = v;
+  v = v0 + h;
+  const double lp = loss();
+  v = v0 - h;
+  const double lm = loss();
+  v = v0;
+  return (lp - lm) / (2 * h);
+}
 
 }  // namespace nt

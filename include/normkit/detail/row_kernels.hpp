@@ -225,9 +225,13 @@ inline double sum_squares(const T* x, Index n, double scale) {
 // takes the exact double kernels otherwise. Trees of 8 measured 15% slower in L1 (the
 // widening and the double adds are a third of the work there), and that showed once
 // the row norms overlapped memory with it: 0.75 of the copy roofline against 0.89.
-template <class Isa, class T>
-inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
-                         Prefetch pf = {}) {
+// The trees themselves, over the terms load_v(i) (a packet at element i) and load_s(i)
+// (one element, for the tail): Center: d = term - shift, s = sum d, s2 = sum d^2; else
+// s2 = sum term^2 only (s untouched). A load may do more than read (the fused residual
+// builds s = alpha x + r there). pf, pf2: prefetched at the terms' offsets.
+template <class Isa, class T, bool Center, class LoadV, class LoadS>
+inline void tree_sums(Index n, T shift, const LoadV& load_v, const LoadS& load_s, double& s,
+                      double& s2, Prefetch pf, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using V = typename P::V;
@@ -238,35 +242,37 @@ inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
   for (int k = 0; k < K; ++k) as[k] = aq[k] = A::zero();
   auto flush = [&](const V& ts, const V& tq) {
     int k = 0;
-    P::widen(ts, [&](const typename A::V& v) { as[k] = A::add(as[k], v); ++k; });
+    if (Center) P::widen(ts, [&](const typename A::V& v) { as[k] = A::add(as[k], v); ++k; });
     k = 0;
     P::widen(tq, [&](const typename A::V& v) { aq[k] = A::add(aq[k], v); ++k; });
   };
   const V vs = P::set1(shift);
+  auto term = [&](Index i) { return Center ? P::sub(load_v(i), vs) : load_v(i); };
   Index i = 0;
   for (; i + B * W <= n; i += B * W) {
     pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V t[B / 2], q[B / 2];
+    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    V t[B / 2]{}, q[B / 2];  // t: unused (and optimized away) without Center
     for (int b = 0; b < B / 2; ++b) {
-      const V u = P::sub(P::load(x + i + 2 * b * W), vs);
-      const V v = P::sub(P::load(x + i + (2 * b + 1) * W), vs);
-      t[b] = P::add(u, v);
+      const V u = term(i + 2 * b * W);
+      const V v = term(i + (2 * b + 1) * W);
+      if (Center) t[b] = P::add(u, v);
       q[b] = P::fmadd(v, v, P::mul(u, u));
     }
     for (int w = B / 4; w >= 1; w /= 2)
       for (int b = 0; b < w; ++b) {
-        t[b] = P::add(t[b], t[b + w]);
+        if (Center) t[b] = P::add(t[b], t[b + w]);
         q[b] = P::add(q[b], q[b + w]);
       }
     flush(t[0], q[0]);
   }
   for (; i + W <= n; i += W) {
-    const V d = P::sub(P::load(x + i), vs);
+    const V d = term(i);
     flush(d, P::mul(d, d));
   }
   double ts = 0.0, tq = 0.0;
   for (; i < n; ++i) {
-    const T d = x[i] - shift;
+    const T d = Center ? load_s(i) - shift : load_s(i);
     ts += static_cast<double>(d);
     tq += static_cast<double>(d * d);
   }
@@ -274,8 +280,16 @@ inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
     as[0] = A::add(as[0], as[k]);
     aq[0] = A::add(aq[0], aq[k]);
   }
-  s = A::reduce(as[0]) + ts;
+  if (Center) s = A::reduce(as[0]) + ts;
   s2 = A::reduce(aq[0]) + tq;
+}
+
+template <class Isa, class T>
+inline void blocked_sums(const T* x, Index n, T shift, double& s, double& s2,
+                         Prefetch pf = {}) {
+  using P = typename Isa::template Pack<T>;
+  tree_sums<Isa, T, true>(
+      n, shift, [x](Index i) { return P::load(x + i); }, [x](Index i) { return x[i]; }, s, s2, pf);
 }
 
 // Whether blocked sums over `count` elements can be trusted: finite (no square or tree
@@ -299,37 +313,11 @@ inline bool blocked_sums_trusted(double s, double s2, double count) {
 template <class Isa, class T>
 inline double blocked_sum_squares(const T* x, Index n, Prefetch pf = {}) {
   using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
-  using V = typename P::V;
-  constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = static_cast<int>(P::W / A::W);
-  constexpr int B = 16;
-  typename A::V aq[K];
-  for (int k = 0; k < K; ++k) aq[k] = A::zero();
-  auto flush = [&](const V& tq) {
-    int k = 0;
-    P::widen(tq, [&](const typename A::V& v) { aq[k] = A::add(aq[k], v); ++k; });
-  };
-  Index i = 0;
-  for (; i + B * W <= n; i += B * W) {
-    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V q[B / 2];
-    for (int b = 0; b < B / 2; ++b) {
-      const V u = P::load(x + i + 2 * b * W), v = P::load(x + i + (2 * b + 1) * W);
-      q[b] = P::fmadd(v, v, P::mul(u, u));
-    }
-    for (int w = B / 4; w >= 1; w /= 2)
-      for (int b = 0; b < w; ++b) q[b] = P::add(q[b], q[b + w]);
-    flush(q[0]);
-  }
-  for (; i + W <= n; i += W) {
-    const V v = P::load(x + i);
-    flush(P::mul(v, v));
-  }
-  double tq = 0.0;
-  for (; i < n; ++i) tq += static_cast<double>(x[i] * x[i]);
-  for (int k = 1; k < K; ++k) aq[0] = A::add(aq[0], aq[k]);
-  return A::reduce(aq[0]) + tq;
+  double unused = 0.0, s2 = 0.0;
+  tree_sums<Isa, T, false>(
+      n, T(0), [x](Index i) { return P::load(x + i); }, [x](Index i) { return x[i]; }, unused,
+      s2, pf);
+  return s2;
 }
 
 // The lower median of v[0 .. k), k <= 5, reordering v: the shift of the float-blocked
@@ -407,11 +395,11 @@ struct Scale {
 // that aligns y to the packet size). y may be x (in place).
 // copy (the fused residual's s, built in a scratch row x): also written, x itself, with
 // the same kind of stores as y; it must share y's alignment.
-// pf: a later row, fetched into L2 one line per packet while this row is written (see
-// row_norm.hpp forward_rows).
+// pf, pf2: later rows (the fused residual's x and r), fetched into L2 one line each per
+// packet while this row is written (see row_norm.hpp forward_rows).
 template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
-                      const T* beta, T* copy = nullptr, Prefetch pf = {}) {
+                      const T* beta, T* copy = nullptr, Prefetch pf = {}, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
@@ -434,6 +422,7 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   const G scale{};
   for (; i + W <= n; i += W) {
     pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     const typename P::V xv = P::load(x + i);
     typename P::V v = xhat(xv);
     if (S != ScaleKind::None) {
@@ -759,58 +748,24 @@ inline void residual_add(const T* x, const T* r, T* s, Index n, T alpha) {
   for (; i < n; ++i) s[i] = fmadd_s<Isa>(alpha, x[i], r[i]);
 }
 
-// Fused residual, forward, float rows: s = fma(alpha, x, r) written to s, and in the same
-// pass the sums of the row's statistics in double, as shifted_sums (Center: shift s[0],
-// s1 = sum (s - s0), s2 = sum (s - s0)^2) or sum_squares (s2 = sum s^2) would take them
-// from s: one pass over the scratch row instead of two.
+// Fused residual, forward, float rows: s = fma(alpha, x, r) written to s, and in the
+// same pass the float-tree sums of the row's statistics (tree_sums: Center, d = s - shift;
+// else s^2), as blocked_sums / blocked_sum_squares would take them from s: one pass over
+// x and r instead of an add pass and a statistics pass. px, pr: prefetched at x's and
+// r's offsets.
 template <class Isa, class T, bool Center>
-inline void residual_add_sums(const T* x, const T* r, T* s, Index n, T alpha, double& s1,
-                              double& s2, double& shift) {
+inline void residual_blocked_sums(const T* x, const T* r, T* s, Index n, T alpha, T shift,
+                                  double& s1, double& s2, Prefetch px = {}, Prefetch pr = {}) {
   using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
-  constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = kUnroll * static_cast<int>(P::W / A::W);
-  typename A::V a1[K], a2[K];
-  for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
-  const T s0 = n > 0 ? fmadd_s<Isa>(alpha, x[0], r[0]) : T(0);
-  const typename A::V vs0 = A::set1(Center ? static_cast<double>(s0) : 0.0);
   const typename P::V va = P::set1(alpha);
-  auto add = [&](const typename P::V& v, int k0) {
-    int k = k0;
-    P::widen(v, [&](const typename A::V& w) {
-      const typename A::V d = Center ? A::sub(w, vs0) : w;
-      if (Center) a1[k] = A::add(a1[k], d);
-      a2[k] = A::fmadd(d, d, a2[k]);
-      ++k;
-    });
-  };
-  constexpr int KP = static_cast<int>(P::W / A::W);
-  Index i = 0;
-  for (; i + kUnroll * W <= n; i += kUnroll * W)
-    for (int u = 0; u < kUnroll; ++u) {
-      const typename P::V v = P::fmadd(va, P::load(x + i + u * W), P::load(r + i + u * W));
-      P::store(s + i + u * W, v);
-      add(v, u * KP);
-    }
-  for (; i + W <= n; i += W) {
-    const typename P::V v = P::fmadd(va, P::load(x + i), P::load(r + i));
-    P::store(s + i, v);
-    add(v, 0);
-  }
-  double t1 = 0.0, t2 = 0.0;
-  for (; i < n; ++i) {
-    s[i] = fmadd_s<Isa>(alpha, x[i], r[i]);
-    const double d = static_cast<double>(s[i]) - (Center ? static_cast<double>(s0) : 0.0);
-    t1 += d;
-    t2 = fmadd_s<Isa>(d, d, t2);
-  }
-  for (int k = 1; k < K; ++k) {
-    a1[0] = A::add(a1[0], a1[k]);
-    a2[0] = A::add(a2[0], a2[k]);
-  }
-  s1 = Center ? A::reduce(a1[0]) + t1 : 0.0;
-  s2 = A::reduce(a2[0]) + t2;
-  shift = Center ? static_cast<double>(s0) : 0.0;
+  tree_sums<Isa, T, Center>(
+      n, shift,
+      [&](Index i) {
+        const typename P::V v = P::fmadd(va, P::load(x + i), P::load(r + i));
+        P::store(s + i, v);
+        return v;
+      },
+      [&](Index i) { return s[i] = fmadd_s<Isa>(alpha, x[i], r[i]); }, s1, s2, px, pr);
 }
 
 // dst = src, with streaming stores (after a scalar head that aligns dst) when Stream.

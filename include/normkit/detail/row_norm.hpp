@@ -117,6 +117,52 @@ kernels::Prefetch ahead_in_row(const T* x, Index n) {
   return n > d ? kernels::Prefetch(x + d, n - d) : kernels::Prefetch();
 }
 
+// LayerNorm statistics of a float row from its float-tree sums (s, s2 of d = x - shift:
+// kernels::blocked_sums, or the fused residual's residual_blocked_sums) when they can be
+// trusted; otherwise exactly, in one more pass over x (which is in cache by then).
+template <class Isa, class T>
+RowStat moments_from_trees(const T* x, Index n, double eps, T shift, double s, double s2) {
+  const double dn = static_cast<double>(n);
+  if (kernels::blocked_sums_trusted<T>(s, s2, dn)) {
+    const double md = s / dn;
+    return row_stat(static_cast<double>(shift) + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps,
+                    false);
+  }
+  // The exact form: one pass in double, shifted by the row's first element. Float data
+  // widened to double never overflows or underflows when squared (FLT_MAX^2 = 1.2e77,
+  // min subnormal^2 = 2e-90), and shifting by a member x0 of the row bounds the
+  // cancellation in s2/n - (s/n)^2: (x0 - mean)^2 <= n var, so the relative error of
+  // var is at most about n * DBL_EPSILON (1e-12 at n = 4096), far below float
+  // resolution. A constant row takes it too (s2 = 0): its mean is exactly x0.
+  const double x0 = static_cast<double>(x[0]);
+  kernels::shifted_sums<Isa>(x, n, 1.0, x0, s, s2);
+  const double md = s / dn;
+  return row_stat(x0 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);
+}
+
+// The shift of a float row's trees: the lower median of its first 5 elements.
+template <class T>
+T tree_shift(const T* x, Index n) {
+  T v[5];
+  const int k = static_cast<int>(std::min<Index>(n, 5));
+  for (int i = 0; i < k; ++i) v[i] = x[i];
+  return kernels::median_of_5(v, k);
+}
+
+// RMSNorm statistics of a float row from its float-tree sum of squares (fs:
+// kernels::blocked_sum_squares, or residual_blocked_sums), trusted when no square
+// overflowed or underflowed; otherwise exactly in double, where only an Inf or NaN in
+// the row makes the sum non-finite: poison the row (x * 0 would leave its finite
+// elements at 0).
+template <class Isa, class T>
+RowStat rms_from_trees(const T* x, Index n, double eps, bool eps_outside, double fs) {
+  const double dn = static_cast<double>(n);
+  if (kernels::blocked_sums_trusted<T>(0.0, fs, dn))
+    return row_stat(0.0, fs / dn, 1.0, eps, eps_outside);
+  const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
+  return row_stat(0.0, ss <= DBL_MAX ? ss / dn : kNaN, 1.0, eps, eps_outside);
+}
+
 // LayerNorm statistics of one row.
 template <class Isa, class T>
 RowStat row_moments(const T* x, Index n, double eps) {
@@ -133,28 +179,9 @@ RowStat row_moments(const T* x, Index n, double eps) {
     // roundings of float per term (README "Numerics"); rows where the result cannot be
     // trusted (overflow, underflow, NaN/Inf, shift more than 2 sigma off) go on to
     // the exact form.
-    {
-      T v[5];
-      const int k = static_cast<int>(std::min<Index>(n, 5));
-      for (int i = 0; i < k; ++i) v[i] = x[i];
-      const T shift = kernels::median_of_5(v, k);
-      kernels::blocked_sums<Isa>(x, n, shift, s, s2, ahead_in_row(x, n));
-      if (kernels::blocked_sums_trusted<T>(s, s2, dn)) {
-        const double md = s / dn;
-        return row_stat(static_cast<double>(shift) + md, std::max(s2 / dn - md * md, 0.0), 1.0,
-                        eps, false);
-      }
-    }
-    // The exact form: one pass in double, shifted by the row's first element. Float data
-    // widened to double never overflows or underflows when squared (FLT_MAX^2 = 1.2e77,
-    // min subnormal^2 = 2e-90), and shifting by a member x0 of the row bounds the
-    // cancellation in s2/n - (s/n)^2: (x0 - mean)^2 <= n var, so the relative error of
-    // var is at most about n * DBL_EPSILON (1e-12 at n = 4096), far below float
-    // resolution. A constant row takes it too (s2 = 0): its mean is exactly x0.
-    const double x0 = static_cast<double>(x[0]);
-    kernels::shifted_sums<Isa>(x, n, 1.0, x0, s, s2);
-    const double md = s / dn;
-    return row_stat(x0 + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps, false);
+    const T shift = tree_shift(x, n);
+    kernels::blocked_sums<Isa>(x, n, shift, s, s2, ahead_in_row(x, n));
+    return moments_from_trees<Isa>(x, n, eps, shift, s, s2);
   } else {
     // Double data: two passes (a mean shifted by x0, then shifted sums with the
     // correction term of Chan, Golub and LeVeque), rescaled by a power of two when the
@@ -185,15 +212,9 @@ RowStat row_rms(const T* x, Index n, double eps, bool eps_outside) {
   if (n == 0) return row_stat(0.0, kNaN, 1.0, eps, eps_outside);
   const double dn = static_cast<double>(n);
   if constexpr (sizeof(T) <= sizeof(float)) {
-    // The fast form: squares in float trees (kernels::blocked_sum_squares), trusted when
-    // no square overflowed or underflowed; otherwise exactly in double, where only an
-    // Inf or NaN in the row makes the sum non-finite: poison the row (x * 0 would leave
-    // its finite elements at 0).
-    const double fs = kernels::blocked_sum_squares<Isa>(x, n, ahead_in_row(x, n));
-    if (kernels::blocked_sums_trusted<T>(0.0, fs, dn))
-      return row_stat(0.0, fs / dn, 1.0, eps, eps_outside);
-    const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
-    return row_stat(0.0, ss <= DBL_MAX ? ss / dn : kNaN, 1.0, eps, eps_outside);
+    // The fast form: squares in float trees (kernels::blocked_sum_squares).
+    return rms_from_trees<Isa>(x, n, eps, eps_outside,
+                               kernels::blocked_sum_squares<Isa>(x, n, ahead_in_row(x, n)));
   } else {
     const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
     if (ss < kSumSqHuge && ss > kSumSqTiny) return row_stat(0.0, ss / dn, 1.0, eps, eps_outside);
@@ -376,7 +397,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
             // copy: the fused residual's s, written from the scratch row xr beside y.
             // pf: a later row, fetched into L2 while this one is normalized.
             auto norm_row = [&](Index r, const T* xr, const RowStat* pre = nullptr,
-                                T* copy = nullptr, kernels::Prefetch pf = {}) {
+                                T* copy = nullptr, kernels::Prefetch pf = {},
+                                kernels::Prefetch pf2 = {}) {
               T* yr = q.y + r * n;
               const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
               const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
@@ -410,7 +432,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
                                               static_cast<T>(spec.ada_k));
                 return;
               }
-              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta, copy, pf);
+              kernels::normalize<Isa, T, kC, kS, kB, kSt>(xr, yr, n, ra, gamma, beta, copy, pf,
+                                                          pf2);
             };
             for (Index r = r0; r < r1; ++r) {
               if (!res) {
@@ -426,20 +449,29 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
               // their alignment, or in a pass of its own.
               T* copy = kSt && !spec.ada && same_alignment(sr, q.y + r * n) ? sr : nullptr;
               if constexpr (sizeof(T) <= sizeof(float)) {
-                // Float rows: the add and the statistics' sums in one pass (as row_moments
-                // and row_rms take them for float: one pass in double).
-                double s1, s2, shift;
-                kernels::residual_add_sums<Isa, T, kC>(q.x + r * n, res->r.data + r * n, s_at, n,
-                                                      alpha, s1, s2, shift);
-                const double dn = static_cast<double>(n);
-                RowStat st;
-                if (kC) {
-                  const double md = s1 / dn;
-                  st = row_stat(shift + md, std::max(s2 / dn - md * md, 0.0), 1.0, spec.eps, false);
-                } else {
-                  st = row_stat(0.0, s2 <= DBL_MAX ? s2 / dn : kNaN, 1.0, spec.eps, spec.eps_outside);
-                }
-                norm_row(r, s_at, &st, copy);
+                // Float rows: the add and the statistics' float trees in one pass
+                // (kernels::residual_blocked_sums; the trees and their exact fallback as
+                // row_moments / row_rms take them from s), x and r fetched ahead in the
+                // row, and the next rows' x and r fetched into L2 while y and s are written,
+                // as forward does for x alone. The trees' shift is the lower median of s's
+                // first 5 elements, built as the kernel builds them.
+                const T* xr = q.x + r * n;
+                const T* rr = res->r.data + r * n;
+                T head[5];
+                const Index k = std::min<Index>(n, 5);
+                for (Index i = 0; i < k; ++i) head[i] = kernels::fmadd_s<Isa>(alpha, xr[i], rr[i]);
+                const T shift = kC ? tree_shift(head, k) : T(0);
+                double s1 = 0.0, s2 = 0.0;
+                kernels::residual_blocked_sums<Isa, T, kC>(xr, rr, s_at, n, alpha, shift, s1, s2,
+                                                           ahead_in_row(xr, n), ahead_in_row(rr, n));
+                const RowStat st = kC ? moments_from_trees<Isa>(s_at, n, spec.eps, shift, s1, s2)
+                                      : rms_from_trees<Isa>(s_at, n, spec.eps, spec.eps_outside, s2);
+                const Index next = r + 1 + ahead;
+                const bool pf = next < r1;
+                norm_row(r, s_at, &st, copy,
+                         pf ? kernels::Prefetch(q.x + next * n, n, true) : kernels::Prefetch(),
+                         pf ? kernels::Prefetch(res->r.data + next * n, n, true)
+                            : kernels::Prefetch());
               } else {
                 kernels::residual_add<Isa>(q.x + r * n, res->r.data + r * n, s_at, n, alpha);
                 norm_row(r, s_at, nullptr, copy);
