@@ -162,21 +162,20 @@ AdaOut<typename Op::type> run_ada(const Op& o, const AdaProblem<typename Op::typ
 }
 
 // Per-row data the tolerances need: z = xhat in long double, max|z|, rstd, and the error
-// of float statistics (nt::float_stats_err; trees = false: statistics summed exactly in
-// double, as the fused residual's are).
+// of float statistics (nt::float_stats_err: every float path, the fused residual's too,
+// sums in float trees).
 struct RowInfo {
   std::vector<double> z;
   double zmax = 0, rstd = 0;
   nt::XhatErr xe;
 };
 template <class T>
-std::vector<RowInfo> row_info(double eps, bool center, const T* x, std::size_t rows, std::size_t n,
-                              bool trees = true) {
+std::vector<RowInfo> row_info(double eps, bool center, const T* x, std::size_t rows, std::size_t n) {
   const ref::RowNorm rn{center, 0, false, false, eps};
   std::vector<RowInfo> info(rows);
   for (std::size_t r = 0; r < rows; ++r) {
     const auto st = ref::stats(rn, x + r * n, n);
-    if (trees) info[r].xe = nt::float_stats_err(rn, x + r * n, n);
+    info[r].xe = nt::float_stats_err(rn, x + r * n, n);
     info[r].rstd = static_cast<double>(st.rstd);
     info[r].z.resize(n);
     for (std::size_t i = 0; i < n; ++i) {
@@ -554,6 +553,17 @@ void check_res_forward(const Op& o, const ResProblem<T>& rp, const ResOut<T>& f,
   INFO(what);
   CHECK(std::memcmp(f.s.data(), rp.ps.x.data(), rp.N() * sizeof(T)) == 0);
   nt::compare_forward(o, rp.ps, rp.ps.x.data(), f.y.data(), f.st, what);
+  // The statistics are forward's on s, bit for bit: the same trees (or the same exact
+  // fallback) over the same values, in the same order. So is y.
+  const std::array<Index, 2> d{rp.ps.n, rp.ps.rows};
+  const nt::CMap<T, 1, Eigen::ColMajor> g(rp.ps.gamma.data(), rp.ps.n), b(rp.ps.beta.data(), rp.ps.n);
+  std::vector<T> y(rp.N());
+  const auto st = o.forward(nt::cmap<T, 2, Eigen::RowMajor>(rp.ps.x.data(), d),
+                            nt::make_affine(o, g, b), nt::map<T, 2, Eigen::RowMajor>(y.data(), d));
+  CHECK(same_bits(f.y, y));
+  CHECK(same_bits(f.rstd, stat_vec(st.rstd)));
+  CHECK(same_bits(f.mean, stat_vec(st.mean)));
+  CHECK(same_bits(f.mean_lo, stat_vec(st.mean_lo)));
 }
 
 // dx and dr against the oracle: t = ds + g, g = the norm's dL/ds (bound DxTol, with G_i =
