@@ -30,7 +30,7 @@ std::uint16_t bits(T v) {
 template <class T>
 T from_bits(std::uint16_t b) {
   T v;
-  std::memcpy(&v, &b, sizeof v);
+  std::memcpy(static_cast<void*>(&v), &b, sizeof v);
   return v;
 }
 inline std::uint32_t fbits(float f) {
@@ -55,9 +55,11 @@ bool same_narrow(T got, T want) {
   return bits(got) == bits(want);
 }
 
+// The gap between 1 and the next value of T: bf16 2^-7, half 2^-10. (Not
+// std::numeric_limits<Eigen::half>::epsilon(): Eigen 3.4's is 0x0800, i.e. 2^-13.)
 template <class T>
 double eps_t() {
-  return static_cast<double>(static_cast<float>(std::numeric_limits<T>::epsilon()));
+  return std::is_same<T, BF>::value ? 0x1p-7 : 0x1p-10;
 }
 // Half the smallest positive value of T (the absolute rounding error near zero).
 template <class T>
@@ -434,19 +436,21 @@ void backward_case(const Case& c, Index rows, Index n, std::size_t shift, std::u
       sdy[i] += std::fabs(static_cast<double>(d.dyf[r * nn + i]));
     }
   }
-  const double u = 0x1p-24, ep = (std::is_same<P, float>::value ? 0x1p-24 : e);
+  // P = T: half an ulp of T, relative, and near zero absolute (half's subnormals).
+  const bool narrow_p = !std::is_same<P, float>::value;
+  const double u = 0x1p-24, ep = narrow_p ? e : 0x1p-24, tiny = narrow_p ? half_tiny<T>() : 0.0;
   const double er = 4 * static_cast<double>(rows) * DBL_EPSILON;
   for (std::size_t i = 0; i < nn; ++i) {
     if (c.has_gamma()) {
       const double f = static_cast<double>(dgf[i]);
       mg.check(static_cast<double>(static_cast<float>(dg[i])), f,
-               (u + er) * sgx[i] + (2 * u + ep) * std::fabs(f) + 1e-300, i, "dgamma vs float op");
+               (u + er) * sgx[i] + (2 * u + ep) * std::fabs(f) + tiny, i, "dgamma vs float op");
       (void)dgr;
     }
     if (c.has_beta()) {
       const double f = static_cast<double>(dbf[i]);
       mb.check(static_cast<double>(static_cast<float>(db[i])), f,
-               (u + er) * sdy[i] + (2 * u + ep) * std::fabs(f) + 1e-300, i, "dbeta vs float op");
+               (u + er) * sdy[i] + (2 * u + ep) * std::fabs(f) + tiny, i, "dbeta vs float op");
     }
   }
   INFO(mx.first << " " << mg.first << " " << mb.first);

@@ -157,42 +157,13 @@ View<const P> shape_as(const View<const T>& x) {
   return v;
 }
 
-// Forward for narrow T with parameters in P (float or T). cast_then_weight: RMSNorm's
-// LLaMA order, y = T(w * T(x * rstd)); otherwise y = T(the float op's y).
-template <class Isa, class T, class P, bool Center, class Device>
-void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
-                    const Affine<P>& p, const View<T>& y, RowStats<float>& saved,
-                    const Device& device) {
-  static_assert(is_narrow<T>::value, "forward_narrow: bfloat16 or half storage");
-  const std::string where = std::string(spec.op) + "::forward";
-  check_x(spec, where, "x", x);
-  if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
-  require_data(where, "y", y);
-  check_params(spec, where, shape_as<P>(x), p);
-  if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
-  if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
-    fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
-
-  const Index n = x.inner(spec.k);
-  const Index rows = x.outer(spec.k);
-  if (Center) {
-    if (saved.mean.size() != rows) saved.mean.resize(rows);
-    if (saved.mean_lo.size() != rows) saved.mean_lo.resize(rows);
-  } else {
-    saved.mean.resize(0);
-    saved.mean_lo.resize(0);
-  }
-  if (saved.rstd.size() != rows) saved.rstd.resize(rows);
-  if (n == 0) {
-    for (Index r = 0; r < rows; ++r) {
-      saved.rstd(r) = static_cast<float>(kNaN);
-      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<float>(kNaN);
-    }
-    return;
-  }
-  if (rows == 0) return;
-
-  const WideParams wp = widen_params(p, n);
+// The rows of a checked forward call, parameters as float: independent of the
+// parameters' type (one instantiation for both).
+template <class Isa, class T, bool Center, class Device>
+void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
+                         const View<T>& y, const WideParams& wp, RowStats<float>& saved,
+                         const Device& device) {
+  const Index n = x.inner(spec.k), rows = x.outer(spec.k);
   // LLaMA order: the float engine computes x * rstd alone; the weight comes after the
   // rounding (as a float (1 + w) for Gemma's zero-centred weight).
   RowNormSpec fspec = spec;
@@ -231,55 +202,53 @@ void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<c
   });
 }
 
-// Backward for narrow T: dx = T(the float op's dx on the widened dy and x); dgamma and
-// dbeta (in P) from per-block float sums added in double in block order, then rounded
-// once to P.
+// Forward for narrow T with parameters in P (float or T). cast_then_weight: RMSNorm's
+// LLaMA order, y = T(w * T(x * rstd)); otherwise y = T(the float op's y).
 template <class Isa, class T, class P, bool Center, class Device>
-void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
-                     const Affine<P>& p, const RowStats<float>& saved, const View<T>& dx,
-                     const View<P>& dgamma, const View<P>& dbeta, const Device& device) {
-  static_assert(is_narrow<T>::value, "backward_narrow: bfloat16 or half storage");
-  const std::string where = std::string(spec.op) + "::backward";
+void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
+                    const Affine<P>& p, const View<T>& y, RowStats<float>& saved,
+                    const Device& device) {
+  static_assert(is_narrow<T>::value, "forward_narrow: bfloat16 or half storage");
+  const std::string where = std::string(spec.op) + "::forward";
   check_x(spec, where, "x", x);
-  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
-  require_data(where, "dy", dy);
+  if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
+  require_data(where, "y", y);
   check_params(spec, where, shape_as<P>(x), p);
+  if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
+  if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
+    fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
+
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
-  check_saved<Center>(where, saved, rows);
-  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
-  require_data(where, "dx", dx);
-  if (dgamma.present && spec.scale == ScaleKind::None)
-    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
-  if (dbeta.present && !spec.shift)
-    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
-  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
-    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
-  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
-    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
-  require_data(where, "dgamma", dgamma);
-  require_data(where, "dbeta", dbeta);
-  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
-    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
-  for (const View<P>* o : {&dgamma, &dbeta}) {
-    const char* name = o == &dgamma ? "dgamma" : "dbeta";
-    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
-        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
-      fail(where, name, "memory disjoint from every other argument", "an overlap");
+  if (Center) {
+    if (saved.mean.size() != rows) saved.mean.resize(rows);
+    if (saved.mean_lo.size() != rows) saved.mean_lo.resize(rows);
+  } else {
+    saved.mean.resize(0);
+    saved.mean_lo.resize(0);
   }
-  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
-  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
-    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
-
-  const bool want_dx = dx.present, want_dg = dgamma.present, want_db = dbeta.present;
-  const bool want_param = want_dg || want_db;
-  if (rows == 0 || n == 0 || (!want_dx && !want_param)) {
-    if (want_dg) std::fill(dgamma.data, dgamma.data + n, P(0.0f));
-    if (want_db) std::fill(dbeta.data, dbeta.data + n, P(0.0f));
+  if (saved.rstd.size() != rows) saved.rstd.resize(rows);
+  if (n == 0) {
+    for (Index r = 0; r < rows; ++r) {
+      saved.rstd(r) = static_cast<float>(kNaN);
+      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<float>(kNaN);
+    }
     return;
   }
+  if (rows == 0) return;
 
-  const WideParams wp = widen_params(p, n);
+  forward_narrow_rows<Isa, T, Center>(spec, cast_then_weight, x, y, widen_params(p, n), saved,
+                                      device);
+}
+
+// The rows of a checked backward call, parameters as float. want_param: sums receives
+// the parameter gradients in double (n of dy xhat, then for LayerNorm n of dy).
+template <class Isa, class T, bool Center, class Device>
+void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
+                          const WideParams& wp, const RowStats<float>& saved, const View<T>& dx,
+                          bool want_param, std::vector<double>& sums, const Device& device) {
+  const Index n = x.inner(spec.k), rows = x.outer(spec.k);
+  const bool want_dx = dx.present;
   const Index block = narrow_block_rows(n);
   const Index blocks = (rows + block - 1) / block;
   // Parameter sums: chunks of consecutive blocks (a count from the block count only),
@@ -341,15 +310,70 @@ void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const Vie
                       [&](Index b0, Index b1) { do_blocks(b0, b1, nullptr, nullptr); });
   }
   if (!want_param) return;
+  sums.assign(static_cast<std::size_t>(arrays * n), 0.0);
+  for (Index c = 0; c < chunks; ++c) {
+    const double* base = acc.data() + c * arrays * n;
+    for (Index j = 0; j < arrays * n; ++j) sums[static_cast<std::size_t>(j)] += base[j];
+  }
+}
+
+// Backward for narrow T: dx = T(the float op's dx on the widened dy and x); dgamma and
+// dbeta (in P) from per-block float sums added in double in block order, then rounded
+// once to P.
+template <class Isa, class T, class P, bool Center, class Device>
+void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
+                     const Affine<P>& p, const RowStats<float>& saved, const View<T>& dx,
+                     const View<P>& dgamma, const View<P>& dbeta, const Device& device) {
+  static_assert(is_narrow<T>::value, "backward_narrow: bfloat16 or half storage");
+  const std::string where = std::string(spec.op) + "::backward";
+  check_x(spec, where, "x", x);
+  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
+  require_data(where, "dy", dy);
+  check_params(spec, where, shape_as<P>(x), p);
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
+  check_saved<Center>(where, saved, rows);
+  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
+  require_data(where, "dx", dx);
+  if (dgamma.present && spec.scale == ScaleKind::None)
+    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
+  if (dbeta.present && !spec.shift)
+    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
+  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
+    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
+  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
+    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
+  require_data(where, "dgamma", dgamma);
+  require_data(where, "dbeta", dbeta);
+  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
+    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
+  for (const View<P>* o : {&dgamma, &dbeta}) {
+    const char* name = o == &dgamma ? "dgamma" : "dbeta";
+    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
+        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
+      fail(where, name, "memory disjoint from every other argument", "an overlap");
+  }
+  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
+  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
+    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
+
+  const bool want_dx = dx.present, want_dg = dgamma.present, want_db = dbeta.present;
+  const bool want_param = want_dg || want_db;
+  if (rows == 0 || n == 0 || (!want_dx && !want_param)) {
+    if (want_dg) std::fill(dgamma.data, dgamma.data + n, P(0.0f));
+    if (want_db) std::fill(dbeta.data, dbeta.data + n, P(0.0f));
+    return;
+  }
+
+  std::vector<double> sums;  // n sums of dy xhat, then (LayerNorm) n of dy
+  const Index arrays = spec.shift ? 2 : 1;
+  backward_narrow_rows<Isa, T, Center>(spec, dy, x, widen_params(p, n), saved, dx, want_param,
+                                       sums, device);
+  if (!want_param) return;
   for (Index j = 0; j < n; ++j) {
-    double sg = 0.0, sb = 0.0;
-    for (Index c = 0; c < chunks; ++c) {
-      const double* base = acc.data() + c * arrays * n;
-      sg += base[j];
-      if (sum_b) sb += base[n + j];
-    }
-    if (want_dg) dgamma.data[j] = P(static_cast<float>(sg));
-    if (want_db) dbeta.data[j] = P(static_cast<float>(sb));
+    if (want_dg) dgamma.data[j] = P(static_cast<float>(sums[static_cast<std::size_t>(j)]));
+    if (want_db && arrays > 1)
+      dbeta.data[j] = P(static_cast<float>(sums[static_cast<std::size_t>(n + j)]));
   }
 }
 

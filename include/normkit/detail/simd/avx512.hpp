@@ -93,6 +93,8 @@ struct Acc : Pack<double> {
 // vcvtneps2bf16 rounds instead: also to nearest even, but it treats denormal inputs as
 // zero and gives NaN with the input's payload; those lanes (|x| < 2^-126, x != 0, and
 // NaN) are taken from the integer path, so both give the same bits.
+// (Full-mask maskz forms throughout, as lo256 above: g++ 12's unmasked shifts and
+// conversions start from an undefined register that -Wmaybe-uninitialized flags.)
 struct Narrow {
   static constexpr std::size_t W = 16;
   using F = Pack<float>::V;
@@ -103,15 +105,16 @@ struct Narrow {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
   static NORMKIT_AVX512_FN F widen_bf16(const std::uint16_t* p) {
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(p)), 16))};
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, load16(p));
+    return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16))};
   }
   // The rounded patterns in the low 16 bits of each 32-bit lane.
   static NORMKIT_AVX512_FN __m512i bf16_integer(const F& a) {
     const __m512i b = _mm512_castps_si512(a.v);
-    const __m512i hi = _mm512_srli_epi32(b, 16);
+    const __m512i hi = _mm512_maskz_srli_epi32(0xFFFF, b, 16);
     const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    const __m512i r =
-        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    const __m512i r = _mm512_maskz_srli_epi32(0xFFFF, sum, 16);
     const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)),
                                          _mm512_set1_epi32(0x7fc0));
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), qnan);
@@ -128,16 +131,18 @@ struct Narrow {
     if (fix == 0) return fast;
     // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
     // move of 16-bit lanes would need AVX-512BW).
-    return _mm512_cvtepi32_epi16(
-        _mm512_mask_mov_epi32(_mm512_cvtepu16_epi32(fast), fix, bf16_integer(a)));
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
+    return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
 #else
-    return _mm512_cvtepi32_epi16(bf16_integer(a));
+    return _mm512_maskz_cvtepi32_epi16(0xFFFF, bf16_integer(a));
 #endif
   }
   static NORMKIT_AVX512_FN void narrow_bf16(std::uint16_t* p, const F& a) { store16(p, bf16_bits(a)); }
-  static NORMKIT_AVX512_FN F widen_half(const std::uint16_t* p) { return {_mm512_cvtph_ps(load16(p))}; }
+  static NORMKIT_AVX512_FN F widen_half(const std::uint16_t* p) {
+    return {_mm512_maskz_cvtph_ps(0xFFFF, load16(p))};
+  }
   static NORMKIT_AVX512_FN void narrow_half(std::uint16_t* p, const F& a) {
-    store16(p, _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    store16(p, _mm512_maskz_cvtps_ph(0xFFFF, a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
 
