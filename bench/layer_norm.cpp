@@ -61,6 +61,26 @@ void backward(Workspace& w, int threads, const normkit::RowStats<float>& saved) 
   });
 }
 
+// bf16 storage (x and y in bf16, gamma and beta in float, statistics in float): the bytes counted
+// are bf16's, against the copy roofline of the same bytes (Shape::elem = 2).
+const normkit::LayerNorm<Eigen::bfloat16> kLayerNormBf16(1, 1e-5, normkit::AffineMode::ScaleShift);
+
+using BMat = Eigen::TensorMap<Eigen::Tensor<Eigen::bfloat16, 2, Eigen::RowMajor>, Eigen::Aligned64>;
+using CBMat =
+    Eigen::TensorMap<const Eigen::Tensor<Eigen::bfloat16, 2, Eigen::RowMajor>, Eigen::Aligned64>;
+
+const std::vector<Shape>& bf16_shapes() {
+  static const std::vector<Shape> s{{4096, 4096, "4096x4096bf16", 2}, {16384, 768, "16384x768bf16", 2}};
+  return s;
+}
+
+void forward_bf16(const Shape& s, normkit::RowStats<float>& saved) {
+  Workspace& w = workspace(s);
+  const CBMat x(narrow_copy<Eigen::bfloat16>(s, w.x, 0), s.rows, s.features);
+  BMat y(narrow_copy<Eigen::bfloat16>(s, w.y, 1), s.rows, s.features);
+  kLayerNormBf16.forward(x, normkit::affine(cvec(w.gamma), cvec(w.beta)), y, saved);
+}
+
 // LayerNorm as a user would write it with Eigen tensor expressions: a mean reduction,
 // a variance reduction over the broadcast difference, then one element-wise expression.
 // The two [rows] temporaries are kept across calls (no allocation in the loop).
@@ -163,6 +183,12 @@ void register_all() {
       }
 #endif
     }
+  }
+  // bf16 storage, forward, one thread.
+  for (const Shape& s : bf16_shapes()) {
+    register_rooflines(s, 1);
+    auto saved = std::make_shared<normkit::RowStats<float>>();
+    add_bench({"layer_norm_bf16", Kind::Kernel, Dir::Fwd, s, 1}, [s, saved] { forward_bf16(s, *saved); });
   }
 }
 

@@ -6,7 +6,7 @@ execute_process(COMMAND ${NM} -C ${BINARY} OUTPUT_VARIABLE syms RESULT_VARIABLE 
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "nm failed on ${BINARY}")
 endif()
-string(REGEX MATCHALL "[^\n]*simd::avx(2|512)::(Pack|Acc|lo256|hi256)[^\n]*" bad "${syms}")
+string(REGEX MATCHALL "[^\n]*simd::avx(2|512)::(Pack|Acc|Narrow|lo256|hi256)[^\n]*" bad "${syms}")
 string(REGEX MATCHALL "[^\n]*kernels::[A-Za-z_0-9]+<[^\n]*simd::avx(2|512)::[^\n]*" bad2 "${syms}")
 list(APPEND bad ${bad2})
 list(LENGTH bad n)

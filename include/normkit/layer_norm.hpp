@@ -8,18 +8,29 @@
 #include <type_traits>
 
 #include "common.hpp"
+#include "detail/narrow.hpp"
 #include "detail/row_norm.hpp"
 #include "detail/simd/dispatch.hpp"
 
 namespace normkit {
 
-// T: float or double. Isa: the SIMD backend (default: the widest the compiler targets).
+// T: float or double, or the narrow storage types Eigen::bfloat16 and Eigen::half
+// (statistics saved in float, float accumulation; parameters in float or in T: README
+// "Narrow storage"). Isa: the SIMD backend (default: the widest the compiler targets).
 template <class T, class Isa = detail::simd::Best>
 class LayerNorm {
-  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
-                "normkit::LayerNorm<T>: T must be float or double");
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
+                    detail::is_narrow<T>::value,
+                "normkit::LayerNorm<T>: T must be float, double, Eigen::bfloat16 or Eigen::half");
+  static constexpr bool kNarrow = detail::is_narrow<T>::value;
+  // Narrow T: parameters may also be float (P), with float gradients.
+  template <class P>
+  using if_float_params = std::enable_if_t<kNarrow && std::is_same<P, float>::value, int>;
 
  public:
+  // The element type of the saved statistics: T, or float for narrow storage.
+  using Stat = detail::stat_t<T>;
+
   // normalized_dims: how many innermost (contiguous) dims form a row, >= 1 (PyTorch's
   // len(normalized_shape)). eps >= 0, added to the variance inside the sqrt.
   // Throws normkit::invalid_argument otherwise.
@@ -42,37 +53,71 @@ class LayerNorm {
   // layout; y has x's extents in memory order and may be x itself. params: {} or
   // normkit::affine(gamma[, beta]) as the affine mode says. Throws
   // normkit::invalid_argument before writing anything if an argument does not fit.
+  // Narrow T: saved is RowStats<float>, and params may be Affine<float> as well.
   template <class X, class Y, class Device = Eigen::DefaultDevice>
-  void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<T>& saved,
+  void forward(const X& x, const Affine<T>& params, Y&& y, RowStats<Stat>& saved,
                const Device& device = Device()) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
-                                               saved, device);
-    });
+    if constexpr (kNarrow) {
+      forward_narrow(x, params, std::forward<Y>(y), saved, device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params,
+                                                 detail::out<T>(y), saved, device);
+      });
+    }
+  }
+  template <class P, class X, class Y, class Device = Eigen::DefaultDevice,
+            if_float_params<P> = 0>
+  void forward(const X& x, const Affine<P>& params, Y&& y, RowStats<Stat>& saved,
+               const Device& device = Device()) const {
+    forward_narrow(x, params, std::forward<Y>(y), saved, device);
   }
 
   // As above, returning the saved statistics.
   template <class X, class Y, class Device = Eigen::DefaultDevice,
             class = std::enable_if_t<!detail::is_row_stats<std::decay_t<Device>>::value>>
-  RowStats<T> forward(const X& x, const Affine<T>& params, Y&& y,
-                      const Device& device = Device()) const {
-    RowStats<T> saved;
+  RowStats<Stat> forward(const X& x, const Affine<T>& params, Y&& y,
+                         const Device& device = Device()) const {
+    RowStats<Stat> saved;
     forward(x, params, std::forward<Y>(y), saved, device);
+    return saved;
+  }
+  template <class P, class X, class Y, class Device = Eigen::DefaultDevice,
+            class = std::enable_if_t<!detail::is_row_stats<std::decay_t<Device>>::value>,
+            if_float_params<P> = 0>
+  RowStats<Stat> forward(const X& x, const Affine<P>& params, Y&& y,
+                         const Device& device = Device()) const {
+    RowStats<Stat> saved;
+    forward_narrow(x, params, std::forward<Y>(y), saved, device);
     return saved;
   }
 
   // Gradients from dy = dL/dy and forward's x, params and saved statistics. Each of dx,
   // dgamma, dbeta is a tensor or normkit::skip. dx may be dy or x itself. dgamma and
   // dbeta are overwritten (not accumulated into), and zeroed when there are no rows.
-  // Bitwise identical for any number of device threads.
+  // Bitwise identical for any number of device threads. Narrow T: dgamma and dbeta have
+  // the parameters' type (T or float).
   template <class DY, class X, class DX, class DG, class DB, class Device = Eigen::DefaultDevice>
-  void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<T>& saved,
+  void backward(const DY& dy, const X& x, const Affine<T>& params, const RowStats<Stat>& saved,
                 DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::backward<decltype(isa_), T, true>(spec(), detail::in<T>(dy), detail::in<T>(x), params,
-                                                saved, detail::out<T>(dx), detail::out<T>(dgamma),
-                                                detail::out<T>(dbeta), device);
-    });
+    if constexpr (kNarrow) {
+      backward_narrow(dy, x, params, saved, std::forward<DX>(dx), std::forward<DG>(dgamma),
+                      std::forward<DB>(dbeta), device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::backward<decltype(isa_), T, true>(spec(), detail::in<T>(dy), detail::in<T>(x),
+                                                  params, saved, detail::out<T>(dx),
+                                                  detail::out<T>(dgamma), detail::out<T>(dbeta),
+                                                  device);
+      });
+    }
+  }
+  template <class P, class DY, class X, class DX, class DG, class DB,
+            class Device = Eigen::DefaultDevice, if_float_params<P> = 0>
+  void backward(const DY& dy, const X& x, const Affine<P>& params, const RowStats<Stat>& saved,
+                DX&& dx, DG&& dgamma, DB&& dbeta, const Device& device = Device()) const {
+    backward_narrow(dy, x, params, saved, std::forward<DX>(dx), std::forward<DG>(dgamma),
+                    std::forward<DB>(dbeta), device);
   }
 
   // Fused residual (pre-norm blocks, DeepNorm): s = alpha * x + r, then y = LayerNorm(s),
@@ -84,6 +129,8 @@ class LayerNorm {
   void forward_residual(const X& x, const R& r, const Affine<T>& params, S&& s, Y&& y,
                         RowStats<T>& saved, double alpha = 1.0,
                         const Device& device = Device()) const {
+    static_assert(sizeof(X) == 0 || !kNarrow,
+                  "normkit::LayerNorm::forward_residual: not yet for narrow storage");
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
@@ -100,6 +147,8 @@ class LayerNorm {
   void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
                          const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
                          double alpha = 1.0, const Device& device = Device()) const {
+    static_assert(sizeof(DS) == 0 || !kNarrow,
+                  "normkit::LayerNorm::backward_residual: not yet for narrow storage");
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::backward_residual<decltype(isa_), T, true>(
           spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
@@ -109,6 +158,25 @@ class LayerNorm {
   }
 
  private:
+  template <class P, class X, class Y, class Device>
+  void forward_narrow(const X& x, const Affine<P>& params, Y&& y, RowStats<float>& saved,
+                      const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward_narrow<decltype(isa_), T, P, true>(spec(), false, detail::in<T>(x), params,
+                                                         detail::out<T>(y), saved, device);
+    });
+  }
+  template <class P, class DY, class X, class DX, class DG, class DB, class Device>
+  void backward_narrow(const DY& dy, const X& x, const Affine<P>& params,
+                       const RowStats<float>& saved, DX&& dx, DG&& dgamma, DB&& dbeta,
+                       const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward_narrow<decltype(isa_), T, P, true>(
+          spec(), detail::in<T>(dy), detail::in<T>(x), params, saved, detail::out<T>(dx),
+          detail::out<P>(dgamma), detail::out<P>(dbeta), device);
+    });
+  }
+
   detail::RowNormSpec spec() const {
     return {"LayerNorm",
             k_,

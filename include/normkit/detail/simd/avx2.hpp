@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "target.hpp"
 
@@ -75,6 +76,47 @@ struct Acc : Pack<double> {
   }
 };
 
+// Narrow storage (detail/narrow.hpp): 8 bfloat16 or half values, as raw 16-bit
+// patterns, to or from one float packet. Widening bf16 is exact (a 16-bit shift); its
+// narrowing rounds to nearest even with integer arithmetic, as Eigen's scalar
+// conversion does (bits + 0x7fff + lsb, then the top 16 bits; NaN -> sign | 0x7fc0),
+// bit for bit. Half goes through F16C, which rounds to nearest even as well.
+struct Narrow {
+  static constexpr std::size_t W = 8;
+  using F = Pack<float>::V;
+  static NORMKIT_AVX2_FN __m128i load8(const std::uint16_t* p) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  }
+  static NORMKIT_AVX2_FN void store8(std::uint16_t* p, __m128i v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
+  }
+  static NORMKIT_AVX2_FN F widen_bf16(const std::uint16_t* p) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8(p)), 16))};
+  }
+  // The rounded patterns in the low 16 bits of each 32-bit lane.
+  static NORMKIT_AVX2_FN __m256i bf16_bits(const F& a) {
+    const __m256i b = _mm256_castps_si256(a.v);
+    const __m256i hi = _mm256_srli_epi32(b, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    const __m256i r =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(0x8000)),
+                                         _mm256_set1_epi32(0x7fc0));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, qnan, nan);
+  }
+  static NORMKIT_AVX2_FN void narrow_bf16(std::uint16_t* p, const F& a) {
+    const __m256i r = bf16_bits(a);
+    // packus works within 128-bit halves: lanes 0-3 land in quadword 0, 4-7 in 2.
+    const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    store8(p, _mm256_castsi256_si128(pk));
+  }
+  static NORMKIT_AVX2_FN F widen_half(const std::uint16_t* p) { return {_mm256_cvtph_ps(load8(p))}; }
+  static NORMKIT_AVX2_FN void narrow_half(std::uint16_t* p, const F& a) {
+    store8(p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
 struct Isa {
   static constexpr int level = 1;
   static constexpr const char* name = "avx2";
@@ -82,6 +124,7 @@ struct Isa {
   template <class T>
   using Pack = avx2::Pack<T>;
   using Acc = avx2::Acc;
+  using Narrow = avx2::Narrow;
   static void fence() { _mm_sfence(); }
   // The door into this backend's code (target.hpp): f and everything it calls, compiled
   // for AVX2 + FMA.

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "target.hpp"
 
@@ -86,6 +87,65 @@ struct Acc : Pack<double> {
   }
 };
 
+// Narrow storage (detail/narrow.hpp): 16 bfloat16 or half values to or from one float
+// packet, as avx2::Narrow (the same integer rounding for bf16, bit for bit Eigen's).
+// Where the build targets AVX-512 BF16 (-mavx512bf16, -march=native on Zen 4 on),
+// vcvtneps2bf16 rounds instead: also to nearest even, but it treats denormal inputs as
+// zero and gives NaN with the input's payload; those lanes (|x| < 2^-126, x != 0, and
+// NaN) are taken from the integer path, so both give the same bits.
+// (Full-mask maskz forms throughout, as lo256 above: g++ 12's unmasked shifts and
+// conversions start from an undefined register that -Wmaybe-uninitialized flags.)
+struct Narrow {
+  static constexpr std::size_t W = 16;
+  using F = Pack<float>::V;
+  static NORMKIT_AVX512_FN __m256i load16(const std::uint16_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static NORMKIT_AVX512_FN void store16(std::uint16_t* p, __m256i v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+  static NORMKIT_AVX512_FN F widen_bf16(const std::uint16_t* p) {
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, load16(p));
+    return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16))};
+  }
+  // The rounded patterns in the low 16 bits of each 32-bit lane.
+  static NORMKIT_AVX512_FN __m512i bf16_integer(const F& a) {
+    const __m512i b = _mm512_castps_si512(a.v);
+    const __m512i hi = _mm512_maskz_srli_epi32(0xFFFF, b, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    const __m512i r = _mm512_maskz_srli_epi32(0xFFFF, sum, 16);
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)),
+                                         _mm512_set1_epi32(0x7fc0));
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), qnan);
+  }
+  static NORMKIT_AVX512_FN __m256i bf16_bits(const F& a) {
+#if defined(__AVX512BF16__)
+    const __m256i fast = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
+    // |x| bits - 1 < 0x7fffff: a nonzero denormal; |x| bits > 0x7f800000: NaN.
+    const __m512i mag = _mm512_and_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 den = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
+                                                  _mm512_set1_epi32(0x7fffff));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
+    const __mmask16 fix = static_cast<__mmask16>(den | nan);
+    if (fix == 0) return fast;
+    // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
+    // move of 16-bit lanes would need AVX-512BW).
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
+    return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
+#else
+    return _mm512_maskz_cvtepi32_epi16(0xFFFF, bf16_integer(a));
+#endif
+  }
+  static NORMKIT_AVX512_FN void narrow_bf16(std::uint16_t* p, const F& a) { store16(p, bf16_bits(a)); }
+  static NORMKIT_AVX512_FN F widen_half(const std::uint16_t* p) {
+    return {_mm512_maskz_cvtph_ps(0xFFFF, load16(p))};
+  }
+  static NORMKIT_AVX512_FN void narrow_half(std::uint16_t* p, const F& a) {
+    store16(p, _mm512_maskz_cvtps_ph(0xFFFF, a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
 struct Isa {
   static constexpr int level = 2;
   static constexpr const char* name = "avx512";
@@ -93,6 +153,7 @@ struct Isa {
   template <class T>
   using Pack = avx512::Pack<T>;
   using Acc = avx512::Acc;
+  using Narrow = avx512::Narrow;
   static void fence() { _mm_sfence(); }
   // The door into this backend's code (target.hpp): f and everything it calls, compiled
   // for AVX-512.

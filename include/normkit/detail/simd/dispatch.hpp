@@ -23,7 +23,9 @@ inline int cpu_level() {
 #if defined(NORMKIT_DISPATCH)
   __builtin_cpu_init();
   int level = NORMKIT_ISA_SCALAR;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = NORMKIT_ISA_AVX2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    level = NORMKIT_ISA_AVX2;
   if (level == NORMKIT_ISA_AVX2 && __builtin_cpu_supports("avx512f")) level = NORMKIT_ISA_AVX512;
   return level < NORMKIT_MAX_ISA ? level : NORMKIT_MAX_ISA;
 #else

@@ -12,11 +12,13 @@
 #include "../config.hpp"
 
 #if defined(__GNUC__) || defined(__clang__)
-#define NORMKIT_AVX2_FN __attribute__((target("avx2,fma"))) inline
-#define NORMKIT_AVX512_FN __attribute__((target("avx512f,avx2,fma"))) inline
+// f16c: the half <-> float conversions of narrow storage (detail/narrow.hpp); every CPU
+// with AVX2 has it (dispatch.hpp checks it beside avx2 and fma).
+#define NORMKIT_AVX2_FN __attribute__((target("avx2,fma,f16c"))) inline
+#define NORMKIT_AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c"))) inline
 #if defined(NORMKIT_DISPATCH)
-#define NORMKIT_RUN_AVX2 __attribute__((target("avx2,fma"), flatten))
-#define NORMKIT_RUN_AVX512 __attribute__((target("avx512f,avx2,fma"), flatten))
+#define NORMKIT_RUN_AVX2 __attribute__((target("avx2,fma,f16c"), flatten))
+#define NORMKIT_RUN_AVX512 __attribute__((target("avx512f,avx2,fma,f16c"), flatten))
 #else
 #define NORMKIT_RUN_AVX2 inline
 #define NORMKIT_RUN_AVX512 inline
