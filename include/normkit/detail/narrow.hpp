@@ -146,17 +146,6 @@ WideParams widen_params(const Affine<P>& p, Index n) {
   return w;
 }
 
-// x's extents as a View of another element type (for the shape checks, which read dims
-// only).
-template <class P, class T>
-View<const P> shape_as(const View<const T>& x) {
-  View<const P> v;
-  v.rank = x.rank;
-  v.dims = x.dims;
-  v.present = x.present;
-  return v;
-}
-
 // The rows of a checked forward call, parameters as float: independent of the
 // parameters' type (one instantiation for both).
 template <class Isa, class T, bool Center, class Device>
@@ -210,13 +199,7 @@ void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<c
                     const Device& device) {
   static_assert(is_narrow<T>::value, "forward_narrow: bfloat16 or half storage");
   const std::string where = std::string(spec.op) + "::forward";
-  check_x(spec, where, "x", x);
-  if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
-  require_data(where, "y", y);
-  check_params(spec, where, shape_as<P>(x), p);
-  if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
-  if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
-    fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
+  check_forward(spec, where, x, p, y);
 
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
@@ -326,37 +309,9 @@ void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const Vie
                      const View<P>& dgamma, const View<P>& dbeta, const Device& device) {
   static_assert(is_narrow<T>::value, "backward_narrow: bfloat16 or half storage");
   const std::string where = std::string(spec.op) + "::backward";
-  check_x(spec, where, "x", x);
-  if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
-  require_data(where, "dy", dy);
-  check_params(spec, where, shape_as<P>(x), p);
+  check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
-  check_saved<Center>(where, saved, rows);
-  if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
-  require_data(where, "dx", dx);
-  if (dgamma.present && spec.scale == ScaleKind::None)
-    fail(where, "dgamma", "normkit::skip (the functor has no gamma)", dgamma.str());
-  if (dbeta.present && !spec.shift)
-    fail(where, "dbeta", "normkit::skip (the functor has no beta)", dbeta.str());
-  if (dgamma.present && !matches_inner(dgamma, x, spec.k))
-    fail(where, "dgamma", "dims " + inner_str(x, spec.k), dgamma.str());
-  if (dbeta.present && !matches_inner(dbeta, x, spec.k))
-    fail(where, "dbeta", "dims " + inner_str(x, spec.k), dbeta.str());
-  require_data(where, "dgamma", dgamma);
-  require_data(where, "dbeta", dbeta);
-  if (partial_overlap(dx, x) || partial_overlap(dx, dy))
-    fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
-  for (const View<P>* o : {&dgamma, &dbeta}) {
-    const char* name = o == &dgamma ? "dgamma" : "dbeta";
-    if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
-        any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
-      fail(where, name, "memory disjoint from every other argument", "an overlap");
-  }
-  if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
-  if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
-    fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
-
   const bool want_dx = dx.present, want_dg = dgamma.present, want_db = dbeta.present;
   const bool want_param = want_dg || want_db;
   if (rows == 0 || n == 0 || (!want_dx && !want_param)) {

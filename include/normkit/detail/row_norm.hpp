@@ -281,9 +281,10 @@ void normalize_wide(const RowNormSpec& spec, const T* x, T* y, Index n, const Ro
 // ---------------------------------------------------------------------------------
 // Argument checks. All run before any output is touched.
 
-template <class T>
+// x: the data (its dims), p: the parameters, of the same type or (narrow storage) float.
+template <class T, class P>
 void check_params(const RowNormSpec& spec, const std::string& where, const View<const T>& x,
-                  const Affine<T>& p) {
+                  const Affine<P>& p) {
   const bool want_g = spec.scale != ScaleKind::None;
   const auto what = [](bool g, bool b) {
     return std::string(g ? (b ? "gamma and beta" : "gamma only") : (b ? "beta only" : "none"));
@@ -486,11 +487,11 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& de
   });
 }
 
-template <class Isa, class T, bool Center, class Device>
-void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
-             const View<T>& y, RowStats<T>& saved, const Device& device,
-             const Residual<T>* res = nullptr) {
-  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
+// The checks of a forward call (x, the parameters, y), before any write. P: T, or float
+// for narrow storage.
+template <class T, class P>
+void check_forward(const RowNormSpec& spec, const std::string& where, const View<const T>& x,
+                   const Affine<P>& p, const View<T>& y) {
   check_x(spec, where, "x", x);
   if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
   require_data(where, "y", y);
@@ -498,6 +499,14 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
   if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
   if (any_overlap(y, p.gamma) || any_overlap(y, p.beta))
     fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
+}
+
+template <class Isa, class T, bool Center, class Device>
+void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
+             const View<T>& y, RowStats<T>& saved, const Device& device,
+             const Residual<T>* res = nullptr) {
+  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
+  check_forward(spec, where, x, p, y);
   if (res) {
     // s may be x or r itself (in place); y may be x or r, but not s (both are returned).
     if (!same_dims(res->r, x)) fail(where, "r", "dims " + x.str() + " (those of x)", res->r.str());
@@ -720,18 +729,18 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Devic
   });
 }
 
-template <class Isa, class T, bool Center, class Device>
-void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
-              const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
-              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
-  const std::string where = std::string(spec.op) + "::backward";
+// The checks of a backward call, all before any write. T: the data's type; P: the
+// parameters' and their gradients' (T, or float for narrow storage); S: the saved
+// statistics' (T, or float for narrow storage).
+template <bool Center, class T, class P, class S>
+void check_backward(const RowNormSpec& spec, const std::string& where, const View<const T>& dy,
+                    const View<const T>& x, const Affine<P>& p, const RowStats<S>& saved,
+                    const View<T>& dx, const View<P>& dgamma, const View<P>& dbeta) {
   check_x(spec, where, "x", x);
   if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
   require_data(where, "dy", dy);
   check_params(spec, where, x, p);
-  const Index n = x.inner(spec.k);
-  const Index rows = x.outer(spec.k);
-  check_saved<Center>(where, saved, rows);
+  check_saved<Center>(where, saved, x.outer(spec.k));
   if (dx.present && !same_dims(dx, x)) fail(where, "dx", "dims " + x.str() + " (those of x)", dx.str());
   require_data(where, "dx", dx);
   if (dgamma.present && spec.scale == ScaleKind::None)
@@ -746,7 +755,7 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
   require_data(where, "dbeta", dbeta);
   if (partial_overlap(dx, x) || partial_overlap(dx, dy))
     fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
-  for (const View<T>* o : {&dgamma, &dbeta}) {
+  for (const View<P>* o : {&dgamma, &dbeta}) {
     const char* name = o == &dgamma ? "dgamma" : "dbeta";
     if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
         any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
@@ -755,7 +764,16 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
   if (any_overlap(dgamma, dbeta)) fail(where, "dbeta", "memory disjoint from dgamma", "an overlap");
   if (any_overlap(dx, p.gamma) || any_overlap(dx, p.beta))
     fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
+}
 
+template <class Isa, class T, bool Center, class Device>
+void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
+              const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
+              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+  const std::string where = std::string(spec.op) + "::backward";
+  check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
   const RowGradPass<T> q{dy.data, x.data, dx.present ? dx.data : nullptr, n, rows, p.gamma.data,
                          Center ? saved.mean.data() : nullptr,
                          Center ? saved.mean_lo.data() : nullptr, saved.rstd.data(),
