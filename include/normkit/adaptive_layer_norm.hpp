@@ -65,17 +65,17 @@ class AdaptiveLayerNorm {
     switch (form_) {
       case AdaptiveForm::AdaNorm:
         detail::simd::visit<Isa>([&](auto isa_) {
-          detail::forward<decltype(isa_), T, true>(spec(), xv, cond, yv, saved, device);
+          detail::forward<decltype(isa_), T, true>(spec(), xv, cond, yv, saved, detail::Exec(device));
         });
         break;
       case AdaptiveForm::Modulated:
         detail::simd::visit<Isa>([&](auto isa_) {
-          detail::modulated_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, device);
+          detail::modulated_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, detail::Exec(device));
         });
         break;
       case AdaptiveForm::Elementwise:
         detail::simd::visit<Isa>([&](auto isa_) {
-          detail::elementwise_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, device);
+          detail::elementwise_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, detail::Exec(device));
         });
         break;
     }
@@ -108,19 +108,19 @@ class AdaptiveLayerNorm {
                        "normkit::skip (AdaNorm has no condition)", (d1.present ? d1 : d2).str());
         detail::simd::visit<Isa>([&](auto isa_) {
           detail::backward<decltype(isa_), T, true>(spec(), dyv, xv, cond, saved, dxv,
-                                                    detail::View<T>{}, detail::View<T>{}, device);
+                                                    detail::View<T>{}, detail::View<T>{}, detail::Exec(device));
         });
         break;
       case AdaptiveForm::Modulated:
         detail::simd::visit<Isa>([&](auto isa_) {
           detail::modulated_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1, d2,
-                                                        device);
+                                                        detail::Exec(device));
         });
         break;
       case AdaptiveForm::Elementwise:
         detail::simd::visit<Isa>([&](auto isa_) {
           detail::elementwise_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1, d2,
-                                                          device);
+                                                          detail::Exec(device));
         });
         break;
     }

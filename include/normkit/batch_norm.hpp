@@ -44,7 +44,7 @@ class BatchNorm {
                const Running<T>& running = {}, const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_train<decltype(isa_), T>(
-          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, device);
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, detail::Exec(device));
     });
   }
 
@@ -54,7 +54,7 @@ class BatchNorm {
                     const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_eval<decltype(isa_), T>(spec_, detail::in<T>(x), params, running,
-                                                       detail::out<T>(y), device);
+                                                       detail::out<T>(y), detail::Exec(device));
     });
   }
 
@@ -67,7 +67,7 @@ class BatchNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_train<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 
@@ -78,7 +78,7 @@ class BatchNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_eval<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, running, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 
@@ -90,7 +90,7 @@ class BatchNorm {
   template <class X, class Device = Eigen::DefaultDevice>
   ChannelMoments partial_stats(const X& x, const Device& device = Device()) const {
     return detail::simd::visit<Isa>([&](auto isa_) {
-      return detail::channel::partial_stats<decltype(isa_), T>(spec_, detail::in<T>(x), device);
+      return detail::channel::partial_stats<decltype(isa_), T>(spec_, detail::in<T>(x), detail::Exec(device));
     });
   }
 
@@ -104,7 +104,7 @@ class BatchNorm {
                       const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_train<decltype(isa_), T>(
-          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, &global, device);
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, &global, detail::Exec(device));
     });
   }
 
@@ -115,7 +115,7 @@ class BatchNorm {
                                     const Device& device = Device()) const {
     return detail::simd::visit<Isa>([&](auto isa_) {
       return detail::channel::partial_grad_sums<decltype(isa_), T>(spec_, detail::in<T>(dy),
-                                                                   detail::in<T>(x), saved, device);
+                                                                   detail::in<T>(x), saved, detail::Exec(device));
     });
   }
 
@@ -130,7 +130,7 @@ class BatchNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_train<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, &g, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 

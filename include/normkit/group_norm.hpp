@@ -36,7 +36,7 @@ class GroupNorm {
                const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_train<decltype(isa_), T>(
-          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, Running<T>{}, nullptr, device);
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, Running<T>{}, nullptr, detail::Exec(device));
     });
   }
 
@@ -55,7 +55,7 @@ class GroupNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_train<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 

@@ -38,7 +38,7 @@ class InstanceNorm {
                const Running<T>& running = {}, const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_train<decltype(isa_), T>(
-          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, device);
+          spec_, detail::in<T>(x), params, detail::out<T>(y), saved, running, nullptr, detail::Exec(device));
     });
   }
 
@@ -48,7 +48,7 @@ class InstanceNorm {
                     const Device& device = Device()) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::forward_eval<decltype(isa_), T>(spec_, detail::in<T>(x), params, running,
-                                                       detail::out<T>(y), device);
+                                                       detail::out<T>(y), detail::Exec(device));
     });
   }
 
@@ -58,7 +58,7 @@ class InstanceNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_train<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, saved, nullptr, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 
@@ -68,7 +68,7 @@ class InstanceNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::channel::backward_eval<decltype(isa_), T>(
           spec_, detail::in<T>(dy), detail::in<T>(x), params, running, detail::out<T>(dx),
-          detail::out<T>(dgamma), detail::out<T>(dbeta), device);
+          detail::out<T>(dgamma), detail::out<T>(dbeta), detail::Exec(device));
     });
   }
 

@@ -62,7 +62,7 @@ class LayerNorm {
     } else {
       detail::simd::visit<Isa>([&](auto isa_) {
         detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params,
-                                                 detail::out<T>(y), saved, device);
+                                                 detail::out<T>(y), saved, detail::Exec(device));
       });
     }
   }
@@ -108,7 +108,7 @@ class LayerNorm {
         detail::backward<decltype(isa_), T, true>(spec(), detail::in<T>(dy), detail::in<T>(x),
                                                   params, saved, detail::out<T>(dx),
                                                   detail::out<T>(dgamma), detail::out<T>(dbeta),
-                                                  device);
+                                                  detail::Exec(device));
       });
     }
   }
@@ -134,7 +134,7 @@ class LayerNorm {
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
-                                               saved, device, &res);
+                                               saved, detail::Exec(device), &res);
     });
   }
 
@@ -153,7 +153,7 @@ class LayerNorm {
       detail::backward_residual<decltype(isa_), T, true>(
           spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
           detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::out<T>(dbeta),
-          device);
+          detail::Exec(device));
     });
   }
 
@@ -163,7 +163,7 @@ class LayerNorm {
                       const Device& device) const {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, true>(spec(), false, detail::in<T>(x), params,
-                                                         detail::out<T>(y), saved, device);
+                                                         detail::out<T>(y), saved, detail::Exec(device));
     });
   }
   template <class P, class DY, class X, class DX, class DG, class DB, class Device>
@@ -173,7 +173,7 @@ class LayerNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::backward_narrow<decltype(isa_), T, P, true>(
           spec(), detail::in<T>(dy), detail::in<T>(x), params, saved, detail::out<T>(dx),
-          detail::out<P>(dgamma), detail::out<P>(dbeta), device);
+          detail::out<P>(dgamma), detail::out<P>(dbeta), detail::Exec(device));
     });
   }
 

@@ -75,7 +75,7 @@ class RMSNorm {
     } else {
       detail::simd::visit<Isa>([&](auto isa_) {
         detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params,
-                                                  detail::out<T>(y), saved, device);
+                                                  detail::out<T>(y), saved, detail::Exec(device));
       });
     }
   }
@@ -117,7 +117,7 @@ class RMSNorm {
         detail::backward<decltype(isa_), T, false>(spec(), detail::in<T>(dy), detail::in<T>(x),
                                                    params, saved, detail::out<T>(dx),
                                                    detail::out<T>(dgamma), detail::View<T>{},
-                                                   device);
+                                                   detail::Exec(device));
       });
     }
   }
@@ -139,7 +139,7 @@ class RMSNorm {
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y),
-                                                saved, device, &res);
+                                                saved, detail::Exec(device), &res);
     });
   }
 
@@ -155,7 +155,7 @@ class RMSNorm {
       detail::backward_residual<decltype(isa_), T, false>(
           spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
           detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::View<T>{},
-          device);
+          detail::Exec(device));
     });
   }
 
@@ -166,7 +166,7 @@ class RMSNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, false>(
           spec(), cast_ == CastOrder::CastThenWeight, detail::in<T>(x), params, detail::out<T>(y),
-          saved, device);
+          saved, detail::Exec(device));
     });
   }
   template <class P, class DY, class X, class DX, class DG, class Device>
@@ -176,7 +176,7 @@ class RMSNorm {
     detail::simd::visit<Isa>([&](auto isa_) {
       detail::backward_narrow<decltype(isa_), T, P, false>(
           spec(), detail::in<T>(dy), detail::in<T>(x), params, saved, detail::out<T>(dx),
-          detail::out<P>(dgamma), detail::View<P>{}, device);
+          detail::out<P>(dgamma), detail::View<P>{}, detail::Exec(device));
     });
   }
 

@@ -56,9 +56,9 @@ void check_cond(const RowNormSpec& spec, const std::string& where, const View<co
 }
 
 // Modulated forward: y = xhat (1 + scale[b]) + shift[b].
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void modulated_forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& c,
-                       const View<T>& y, RowStats<T>& saved, const Device& device) {
+                       const View<T>& y, RowStats<T>& saved, const Exec& device) {
   const std::string where = std::string(spec.op) + "::forward";
   check_x(spec, where, "x", x);
   check_cond(spec, where, x, c, true, "scale", "shift");
@@ -89,10 +89,10 @@ void modulated_forward(const RowNormSpec& spec, const View<const T>& x, const Af
 
 // Modulated backward: per sample, LayerNorm's backward with gamma = 1 + scale[b]; dscale[b]
 // and dshift[b] are that pass's dgamma and dbeta (sums over the sample's rows).
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void modulated_backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
                         const Affine<T>& c, const RowStats<T>& saved, const View<T>& dx,
-                        const View<T>& dscale, const View<T>& dshift, const Device& device) {
+                        const View<T>& dscale, const View<T>& dshift, const Exec& device) {
   const std::string where = std::string(spec.op) + "::backward";
   check_x(spec, where, "x", x);
   check_cond(spec, where, x, c, true, "scale", "shift");
@@ -130,9 +130,9 @@ void modulated_backward(const RowNormSpec& spec, const View<const T>& dy, const 
 }
 
 // Element-wise forward: y = xhat * ada_w + ada_b, all of x's shape.
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void elementwise_forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& c,
-                         const View<T>& y, RowStats<T>& saved, const Device& device) {
+                         const View<T>& y, RowStats<T>& saved, const Exec& device) {
   const std::string where = std::string(spec.op) + "::forward";
   check_x(spec, where, "x", x);
   check_cond(spec, where, x, c, false, "ada_w", "ada_b");
@@ -155,10 +155,10 @@ void elementwise_forward(const RowNormSpec& spec, const View<const T>& x, const 
 }
 
 // Element-wise backward: dx, dada_w = dy * xhat, dada_b = dy (each may be skipped).
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void elementwise_backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
                           const Affine<T>& c, const RowStats<T>& saved, const View<T>& dx,
-                          const View<T>& dw, const View<T>& db, const Device& device) {
+                          const View<T>& dw, const View<T>& db, const Exec& device) {
   const std::string where = std::string(spec.op) + "::backward";
   check_x(spec, where, "x", x);
   check_cond(spec, where, x, c, false, "ada_w", "ada_b");

@@ -446,8 +446,8 @@ inline Index groups_per_block(const Geo& g, std::size_t elem_bytes) {
 // Column sums over all N * M rows in a fixed number of row chunks (a function of the
 // row count only), each reduced by one thread, combined in chunk order: deterministic.
 // f(r0, r1, a, b) adds rows [r0, r1) into the chunk's arrays a, b (C doubles each).
-template <class Isa, class Device, class F>
-void chunked_columns(const Device& device, Index rows, Index C, double bytes_per_row, F&& f,
+template <class Isa, class F>
+void chunked_columns(const Exec& device, Index rows, Index C, double bytes_per_row, F&& f,
                      double* a, double* b) {
   const Index chunks = reduce_chunks(rows);
   std::vector<double> acc(static_cast<std::size_t>(chunks * 2 * C), 0.0);
@@ -472,8 +472,8 @@ void chunked_columns(const Device& device, Index rows, Index C, double bytes_per
 }
 
 // BatchNorm statistics, channels last.
-template <class Isa, class T, class Device>
-std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Device& device) {
+template <class Isa, class T>
+std::vector<Mom> moments_last_batch(const Geo& g, const T* x, const Exec& device) {
   const Index C = g.C, rows = g.N * g.M;
   const double count = static_cast<double>(g.count());
   if (rows == 0 || C == 0) return std::vector<Mom>(static_cast<std::size_t>(C), Mom{0.0, kNaN, kNaN, 1.0});
@@ -754,10 +754,10 @@ void check_forward_out(const std::string& where, const View<const T>& x, const A
     fail(where, "running", "memory disjoint from x, gamma and beta", "an overlap");
 }
 
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p, const View<T>& y,
                    RowStats<T>& saved, const Running<T>& run, const ChannelMoments* global,
-                   const Device& device) {
+                   const Exec& device) {
   const std::string where = std::string(spec.op) + (global ? "::forward_global" : "::forward");
   const bool batch = spec.kind == Kind::Batch;
   const Geo g = check_x(spec, where, "x", x, batch);
@@ -880,9 +880,9 @@ RowStat running_stat(const Running<T>& run, Index c, double eps) {
                   1.0, eps, false);
 }
 
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
-                  const Running<T>& run, const View<T>& y, const Device& device) {
+                  const Running<T>& run, const View<T>& y, const Exec& device) {
   const std::string where = std::string(spec.op) + "::forward_eval";
   const Geo g = check_x(spec, where, "x", x, true);
   check_params(spec, where, p, g.C);
@@ -964,12 +964,12 @@ enum class Mode { Train, Global, Eval };
 // Per-channel statistics (BatchNorm; evaluation of BatchNorm and InstanceNorm).
 // hi, lo, rstd per channel. sums_out (partial_grad_sums) receives the sums and nothing
 // else is written.
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, const View<const T>& x,
                           const std::vector<T>& hi, const std::vector<T>& lo,
                           const std::vector<double>& rstd, const T* gamma, const GlobalGrad* gg,
                           const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta,
-                          ChannelGradSums* sums_out, const Device& device) {
+                          ChannelGradSums* sums_out, const Exec& device) {
   const Index C = g.C;
   const bool want_dx = dx.present && !sums_out;
   const bool need_sums = sums_out || (mode == Mode::Train && want_dx) ||
@@ -1076,10 +1076,10 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
 }
 
 // Per-sample statistics (GroupNorm, InstanceNorm), training.
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const T>& x,
                          const RowStats<T>& saved, const T* gamma, const View<T>& dx,
-                         const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+                         const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
   const Index C = g.C;
   const bool want_dx = dx.present;
   const double count = static_cast<double>(g.count());
@@ -1183,11 +1183,11 @@ void saved_per_channel(const RowStats<T>& saved, Index C, std::vector<T>& hi, st
   }
 }
 
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void backward_train(const Spec& spec, const View<const T>& dy, const View<const T>& x,
                     const Affine<T>& p, const RowStats<T>& saved, const GlobalGrad* gg,
                     const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta,
-                    const Device& device) {
+                    const Exec& device) {
   const std::string where = std::string(spec.op) + (gg ? "::backward_global" : "::backward");
   const bool batch = spec.kind == Kind::Batch;
   const Geo g = check_x(spec, where, "x", x, batch);
@@ -1213,10 +1213,10 @@ void backward_train(const Spec& spec, const View<const T>& dy, const View<const 
   }
 }
 
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 void backward_eval(const Spec& spec, const View<const T>& dy, const View<const T>& x,
                    const Affine<T>& p, const Running<T>& run, const View<T>& dx,
-                   const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+                   const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
   const std::string where = std::string(spec.op) + "::backward_eval";
   const Geo g = check_x(spec, where, "x", x, true);
   check_backward(spec, where, g, dy, x, p, dx, dgamma, dbeta);
@@ -1237,8 +1237,8 @@ void backward_eval(const Spec& spec, const View<const T>& dy, const View<const T
 // ---------------------------------------------------------------------------------
 // Data-parallel BatchNorm: the per-shard reductions.
 
-template <class Isa, class T, class Device>
-ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Device& device) {
+template <class Isa, class T>
+ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Exec& device) {
   const std::string where = std::string(spec.op) + "::partial_stats";
   const Geo g = check_x(spec, where, "x", x, true);
   ChannelMoments out;
@@ -1268,9 +1268,9 @@ ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Dev
   return out;
 }
 
-template <class Isa, class T, class Device>
+template <class Isa, class T>
 ChannelGradSums partial_grad_sums(const Spec& spec, const View<const T>& dy, const View<const T>& x,
-                                  const RowStats<T>& saved, const Device& device) {
+                                  const RowStats<T>& saved, const Exec& device) {
   const std::string where = std::string(spec.op) + "::partial_grad_sums";
   const Geo g = check_x(spec, where, "x", x, true);
   if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());

@@ -148,10 +148,10 @@ WideParams widen_params(const Affine<P>& p, Index n) {
 
 // The rows of a checked forward call, parameters as float: independent of the
 // parameters' type (one instantiation for both).
-template <class Isa, class T, bool Center, class Device>
+template <class Isa, class T, bool Center>
 void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
                          const View<T>& y, const WideParams& wp, RowStats<float>& saved,
-                         const Device& device) {
+                         const Exec& device) {
   const Index n = x.inner(spec.k), rows = x.outer(spec.k);
   // LLaMA order: the float engine computes x * rstd alone; the weight comes after the
   // rounding (as a float (1 + w) for Gemma's zero-centred weight).
@@ -174,7 +174,7 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const V
   const Index blocks = (rows + block - 1) / block;
   const double bytes = static_cast<double>(block * n * static_cast<Index>(sizeof(T)));
   const Eigen::TensorOpCost cost(bytes, bytes, 6.0 * static_cast<double>(block * n));
-  const Eigen::DefaultDevice serial;
+  const Exec serial;
   parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
     std::vector<float> buf(static_cast<std::size_t>(block * n));
     for (Index b = b0; b < b1; ++b) {
@@ -193,10 +193,10 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const V
 
 // Forward for narrow T with parameters in P (float or T). cast_then_weight: RMSNorm's
 // LLaMA order, y = T(w * T(x * rstd)); otherwise y = T(the float op's y).
-template <class Isa, class T, class P, bool Center, class Device>
+template <class Isa, class T, class P, bool Center>
 void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
                     const Affine<P>& p, const View<T>& y, RowStats<float>& saved,
-                    const Device& device) {
+                    const Exec& device) {
   static_assert(is_narrow<T>::value, "forward_narrow: bfloat16 or half storage");
   const std::string where = std::string(spec.op) + "::forward";
   check_forward(spec, where, x, p, y);
@@ -226,10 +226,10 @@ void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<c
 
 // The rows of a checked backward call, parameters as float. want_param: sums receives
 // the parameter gradients in double (n of dy xhat, then for LayerNorm n of dy).
-template <class Isa, class T, bool Center, class Device>
+template <class Isa, class T, bool Center>
 void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
                           const WideParams& wp, const RowStats<float>& saved, const View<T>& dx,
-                          bool want_param, std::vector<double>& sums, const Device& device) {
+                          bool want_param, std::vector<double>& sums, const Exec& device) {
   const Index n = x.inner(spec.k), rows = x.outer(spec.k);
   const bool want_dx = dx.present;
   const Index block = narrow_block_rows(n);
@@ -243,7 +243,7 @@ void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, cons
   std::vector<double> acc(static_cast<std::size_t>(chunks * arrays * n), 0.0);
 
   const double bytes = static_cast<double>(block * n * static_cast<Index>(sizeof(T)));
-  const Eigen::DefaultDevice serial;
+  const Exec serial;
   auto do_blocks = [&](Index first, Index last, double* dg_acc, double* db_acc) {
     std::vector<float> buf(static_cast<std::size_t>(2 * block * n));
     std::vector<float> pg(want_param ? static_cast<std::size_t>(n * arrays) : 0);
@@ -303,10 +303,10 @@ void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, cons
 // Backward for narrow T: dx = T(the float op's dx on the widened dy and x); dgamma and
 // dbeta (in P) from per-block float sums added in double in block order, then rounded
 // once to P.
-template <class Isa, class T, class P, bool Center, class Device>
+template <class Isa, class T, class P, bool Center>
 void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
                      const Affine<P>& p, const RowStats<float>& saved, const View<T>& dx,
-                     const View<P>& dgamma, const View<P>& dbeta, const Device& device) {
+                     const View<P>& dgamma, const View<P>& dbeta, const Exec& device) {
   static_assert(is_narrow<T>::value, "backward_narrow: bfloat16 or half storage");
   const std::string where = std::string(spec.op) + "::backward";
   check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);

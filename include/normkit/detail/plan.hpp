@@ -38,21 +38,51 @@ struct has_parallel_for<Device, decltype(void(std::declval<const Device&>().para
                                     std::function<void(Index, Index)>())))>
     : std::true_type {};
 
+// The engines' device: the caller's Eigen device with its type erased, so that each
+// engine (and each hot region it flattens for a backend, simd/target.hpp) is compiled
+// once, not once per device type. Serial for a device without parallelFor
+// (Eigen::DefaultDevice); otherwise its parallelFor, called through one pointer per
+// parallel region. Holds a pointer to the device: lives only for the op call.
+class Exec {
+ public:
+  Exec() = default;
+  template <class Device, class = std::enable_if_t<!std::is_same<Device, Exec>::value>>
+  explicit Exec(const Device& device) {
+    if constexpr (has_parallel_for<Device>::value) {
+      device_ = &device;
+      run_ = [](const void* d, Index n, const Eigen::TensorOpCost& cost,
+                std::function<void(Index, Index)> f) {
+        static_cast<const Device*>(d)->parallelFor(n, cost, std::move(f));
+      };
+    } else {
+      (void)device;
+    }
+  }
+
+  bool parallel() const { return run_ != nullptr; }
+  void parallelFor(Index n, const Eigen::TensorOpCost& cost,
+                   std::function<void(Index, Index)> f) const {
+    run_(device_, n, cost, std::move(f));
+  }
+
+ private:
+  const void* device_ = nullptr;
+  void (*run_)(const void*, Index, const Eigen::TensorOpCost&,
+               std::function<void(Index, Index)>) = nullptr;
+};
+
 // Calls f(first, last) over [0, n), in blocks chosen by the device. cost is per item.
 // Each block runs through Isa::run: compiled for the backend's target (with runtime
 // dispatch, the whole of f is inlined into a function built for it; simd/target.hpp).
-template <class Isa, class Device, class F>
-void parallel_for(const Device& device, Index n, const Eigen::TensorOpCost& cost, F&& f) {
+// One lambda enters Isa::run on both paths, so that each region is flattened once.
+template <class Isa, class F>
+void parallel_for(const Exec& device, Index n, const Eigen::TensorOpCost& cost, F&& f) {
   if (n <= 0) return;
-  if constexpr (has_parallel_for<Device>::value) {
-    device.parallelFor(n, cost, std::function<void(Index, Index)>([&f](Index a, Index b) {
-                         Isa::run([&] { f(a, b); });
-                       }));
-  } else {
-    (void)device;
-    (void)cost;
-    Isa::run([&] { f(Index{0}, n); });
-  }
+  const auto block = [&f](Index a, Index b) { Isa::run([&] { f(a, b); }); };
+  if (device.parallel())
+    device.parallelFor(n, cost, std::function<void(Index, Index)>(block));
+  else
+    block(Index{0}, n);
 }
 
 }  // namespace detail

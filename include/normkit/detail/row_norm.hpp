@@ -358,8 +358,8 @@ bool same_alignment(const T* a, const T* b) {
   return (reinterpret_cast<std::uintptr_t>(a) - reinterpret_cast<std::uintptr_t>(b)) % 64 == 0;
 }
 
-template <class Isa, class T, bool Center, class Device>
-void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Device& device,
+template <class Isa, class T, bool Center>
+void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& device,
                   const Residual<T>* res = nullptr) {
   const Index n = q.n, rows = q.rows;
   const T alpha = res ? static_cast<T>(res->alpha) : T(1);
@@ -501,9 +501,9 @@ void check_forward(const RowNormSpec& spec, const std::string& where, const View
     fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
 }
 
-template <class Isa, class T, bool Center, class Device>
+template <class Isa, class T, bool Center>
 void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
-             const View<T>& y, RowStats<T>& saved, const Device& device,
+             const View<T>& y, RowStats<T>& saved, const Exec& device,
              const Residual<T>* res = nullptr) {
   const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
   check_forward(spec, where, x, p, y);
@@ -580,8 +580,8 @@ struct RowGradPass {
   Index total;  // elements of the whole tensor (decides streaming)
 };
 
-template <class Isa, class T, bool Center, class Device>
-void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Device& device) {
+template <class Isa, class T, bool Center>
+void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec& device) {
   const Index n = q.n, rows = q.rows;
   if (spec.ada) {
     // AdaNorm: no parameters; each row on its own.
@@ -766,10 +766,10 @@ void check_backward(const RowNormSpec& spec, const std::string& where, const Vie
     fail(where, "dx", "memory disjoint from gamma and beta", "an overlap");
 }
 
-template <class Isa, class T, bool Center, class Device>
+template <class Isa, class T, bool Center>
 void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
               const Affine<T>& p, const RowStats<T>& saved, const View<T>& dx,
-              const View<T>& dgamma, const View<T>& dbeta, const Device& device) {
+              const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
   const std::string where = std::string(spec.op) + "::backward";
   check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);
   const Index n = x.inner(spec.k);
@@ -787,11 +787,11 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
 // downstream (normkit::skip: 0, as in a post-norm block where only y is used). Then
 // dx = alpha t and dr = t. Two passes: the norm's backward writes g into dx (or dr, or a
 // temporary when dr is ds itself and dx is skipped), then residual_grad combines.
-template <class Isa, class T, bool Center, class Device>
+template <class Isa, class T, bool Center>
 void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const View<const T>& dy,
                        const View<const T>& s, const Affine<T>& p, const RowStats<T>& saved,
                        double alpha, const View<T>& dx, const View<T>& dr, const View<T>& dgamma,
-                       const View<T>& dbeta, const Device& device) {
+                       const View<T>& dbeta, const Exec& device) {
   const std::string where = std::string(spec.op) + "::backward_residual";
   check_x(spec, where, "s", s);
   if (ds.present && !same_dims(ds, s)) fail(where, "ds", "dims " + s.str() + " (those of s)", ds.str());
