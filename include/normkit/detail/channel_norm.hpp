@@ -740,9 +740,11 @@ double bytes_of(Index n) {
 // Forward with batch/instance statistics (training), or BatchNorm with given global
 // moments (forward_global).
 
-template <class T>
-void check_forward_out(const std::string& where, const View<const T>& x, const Affine<T>& p,
-                       const View<T>& y, const Running<T>& run) {
+// (The checks take the parameters' type P and the running statistics' type R apart from
+// the data's T: narrow storage checks its views with the same code, narrow_channel.hpp.)
+template <class T, class P, class R>
+void check_forward_out(const std::string& where, const View<const T>& x, const Affine<P>& p,
+                       const View<T>& y, const Running<R>& run) {
   if (!same_dims(x, y)) fail(where, "y", "dims " + x.str() + " (those of x)", y.str());
   require_data(where, "y", y);
   if (partial_overlap(y, x)) fail(where, "y", "x itself or memory disjoint from x", "a partial overlap");
@@ -754,11 +756,15 @@ void check_forward_out(const std::string& where, const View<const T>& x, const A
     fail(where, "running", "memory disjoint from x, gamma and beta", "an overlap");
 }
 
-template <class Isa, class T>
-void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p, const View<T>& y,
-                   RowStats<T>& saved, const Running<T>& run, const ChannelMoments* global,
-                   const Exec& device) {
-  const std::string where = std::string(spec.op) + (global ? "::forward_global" : "::forward");
+inline std::string forward_where(const Spec& spec, const ChannelMoments* global) {
+  return std::string(spec.op) + (global ? "::forward_global" : "::forward");
+}
+
+// Every check of a training forward (or forward_global); returns x's geometry.
+template <class T, class P, class R>
+Geo check_forward_train(const Spec& spec, const std::string& where, const View<const T>& x,
+                        const Affine<P>& p, const View<T>& y, const Running<R>& run,
+                        const ChannelMoments* global) {
   const bool batch = spec.kind == Kind::Batch;
   const Geo g = check_x(spec, where, "x", x, batch);
   check_params(spec, where, p, g.C);
@@ -780,7 +786,14 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
     fail(where, "x", "more than 1 spatial element per channel when training",
          std::to_string(g.M) + dims);
   }
+  return g;
+}
 
+// A checked training forward (check_forward_train): throws nothing.
+template <class Isa, class T>
+void forward_train_run(const Spec& spec, const Geo& g, const View<const T>& x, const Affine<T>& p,
+                       const View<T>& y, RowStats<T>& saved, const Running<T>& run,
+                       const ChannelMoments* global, const Exec& device) {
   const Index S = g.stats();
   if (saved.mean.size() != S) saved.mean.resize(S);
   if (saved.mean_lo.size() != S) saved.mean_lo.resize(S);
@@ -873,6 +886,14 @@ void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p,
   update_running(spec, run, g, mom);
 }
 
+template <class Isa, class T>
+void forward_train(const Spec& spec, const View<const T>& x, const Affine<T>& p, const View<T>& y,
+                   RowStats<T>& saved, const Running<T>& run, const ChannelMoments* global,
+                   const Exec& device) {
+  const Geo g = check_forward_train(spec, forward_where(spec, global), x, p, y, run, global);
+  forward_train_run<Isa, T>(spec, g, x, p, y, saved, run, global, device);
+}
+
 // Statistics of the evaluation passes: per channel, from the running statistics.
 template <class T>
 RowStat running_stat(const Running<T>& run, Index c, double eps) {
@@ -880,14 +901,20 @@ RowStat running_stat(const Running<T>& run, Index c, double eps) {
                   1.0, eps, false);
 }
 
-template <class Isa, class T>
-void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
-                  const Running<T>& run, const View<T>& y, const Exec& device) {
-  const std::string where = std::string(spec.op) + "::forward_eval";
+template <class T, class P, class R>
+Geo check_forward_eval(const Spec& spec, const std::string& where, const View<const T>& x,
+                       const Affine<P>& p, const Running<R>& run, const View<T>& y) {
   const Geo g = check_x(spec, where, "x", x, true);
   check_params(spec, where, p, g.C);
   check_running(spec, where, run, g.C, true, false);
   check_forward_out(where, x, p, y, run);
+  return g;
+}
+
+// A checked evaluation forward: throws nothing.
+template <class Isa, class T>
+void forward_eval_run(const Spec& spec, const Geo& g, const View<const T>& x, const Affine<T>& p,
+                      const Running<T>& run, const View<T>& y, const Exec& device) {
   const T* gamma = p.gamma.data;
   const T* beta = p.beta.data;
   Arrays<T> a(g.C, 4);
@@ -919,6 +946,13 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
   });
 }
 
+template <class Isa, class T>
+void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
+                  const Running<T>& run, const View<T>& y, const Exec& device) {
+  const Geo g = check_forward_eval(spec, std::string(spec.op) + "::forward_eval", x, p, run, y);
+  forward_eval_run<Isa, T>(spec, g, x, p, run, y, device);
+}
+
 // ---------------------------------------------------------------------------------
 // Backward.
 //
@@ -931,10 +965,10 @@ void forward_eval(const Spec& spec, const View<const T>& x, const Affine<T>& p,
 // Per (sample, channel) the passes take sdy = sum dy and sdyx = sum dy xc with
 // xc = (x - mean_hi) - mean_lo, so sum dy xhat = rstd sdyx.
 
-template <class T>
+template <class T, class P>
 void check_backward(const Spec& spec, const std::string& where, const Geo& g,
-                    const View<const T>& dy, const View<const T>& x, const Affine<T>& p,
-                    const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta) {
+                    const View<const T>& dy, const View<const T>& x, const Affine<P>& p,
+                    const View<T>& dx, const View<P>& dgamma, const View<P>& dbeta) {
   if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
   require_data(where, "dy", dy);
   check_params(spec, where, p, g.C);
@@ -948,7 +982,7 @@ void check_backward(const Spec& spec, const std::string& where, const Geo& g,
   check_channels(where, "dbeta", dbeta, g.C);
   if (partial_overlap(dx, x) || partial_overlap(dx, dy))
     fail(where, "dx", "dy itself, x itself, or memory disjoint from both", "a partial overlap");
-  for (const View<T>* o : {&dgamma, &dbeta}) {
+  for (const View<P>* o : {&dgamma, &dbeta}) {
     const char* name = o == &dgamma ? "dgamma" : "dbeta";
     if (any_overlap(*o, x) || any_overlap(*o, dy) || any_overlap(*o, dx) ||
         any_overlap(*o, p.gamma) || any_overlap(*o, p.beta))
@@ -961,6 +995,25 @@ void check_backward(const Spec& spec, const std::string& where, const Geo& g,
 
 enum class Mode { Train, Global, Eval };
 
+// The parameter gradients of the backward passes, in double before their one rounding
+// (to T by the callers here, to the parameters' type by narrow_channel.hpp): C values
+// each, or nullptr for one not wanted.
+struct ParamGrads {
+  double* dgamma = nullptr;
+  double* dbeta = nullptr;
+  bool any() const { return dgamma || dbeta; }
+};
+
+// dgamma, dbeta (each optional) = T(the double sums).
+template <class T>
+void write_param_grads(const View<T>& dgamma, const View<T>& dbeta, const std::vector<double>& dg,
+                       const std::vector<double>& db) {
+  for (std::size_t c = 0; c < dg.size(); ++c) {
+    if (dgamma.present) dgamma.data[c] = static_cast<T>(dg[c]);
+    if (dbeta.present) dbeta.data[c] = static_cast<T>(db[c]);
+  }
+}
+
 // Per-channel statistics (BatchNorm; evaluation of BatchNorm and InstanceNorm).
 // hi, lo, rstd per channel. sums_out (partial_grad_sums) receives the sums and nothing
 // else is written.
@@ -968,12 +1021,12 @@ template <class Isa, class T>
 void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, const View<const T>& x,
                           const std::vector<T>& hi, const std::vector<T>& lo,
                           const std::vector<double>& rstd, const T* gamma, const GlobalGrad* gg,
-                          const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta,
-                          ChannelGradSums* sums_out, const Exec& device) {
+                          const View<T>& dx, const ParamGrads& pg, ChannelGradSums* sums_out,
+                          const Exec& device) {
   const Index C = g.C;
   const bool want_dx = dx.present && !sums_out;
   const bool need_sums = sums_out || (mode == Mode::Train && want_dx) ||
-                         (mode != Mode::Global && (dgamma.present || dbeta.present));
+                         (mode != Mode::Global && pg.any());
   const double count = mode == Mode::Global ? gg->count : static_cast<double>(g.count());
   // Per channel: sum dy and sum dy xhat, then the dx coefficients.
   std::vector<double> sdy(static_cast<std::size_t>(C), 0.0), sdyxh(static_cast<std::size_t>(C), 0.0);
@@ -1070,8 +1123,8 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
     return;
   }
   for (Index c = 0; c < C; ++c) {
-    if (dgamma.present) dgamma.data[c] = static_cast<T>(sdyxh[static_cast<std::size_t>(c)]);
-    if (dbeta.present) dbeta.data[c] = static_cast<T>(sdy[static_cast<std::size_t>(c)]);
+    if (pg.dgamma) pg.dgamma[c] = sdyxh[static_cast<std::size_t>(c)];
+    if (pg.dbeta) pg.dbeta[c] = sdy[static_cast<std::size_t>(c)];
   }
 }
 
@@ -1079,7 +1132,7 @@ void backward_per_channel(const Geo& g, Mode mode, const View<const T>& dy, cons
 template <class Isa, class T>
 void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const T>& x,
                          const RowStats<T>& saved, const T* gamma, const View<T>& dx,
-                         const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
+                         const ParamGrads& pg, const Exec& device) {
   const Index C = g.C;
   const bool want_dx = dx.present;
   const double count = static_cast<double>(g.count());
@@ -1164,8 +1217,8 @@ void backward_per_sample(const Geo& g, const View<const T>& dy, const View<const
       a += static_cast<double>(saved.rstd(n * g.G + c / g.Cg)) * sdyx[i];
       b += sdy[i];
     }
-    if (dgamma.present) dgamma.data[c] = static_cast<T>(a);
-    if (dbeta.present) dbeta.data[c] = static_cast<T>(b);
+    if (pg.dgamma) pg.dgamma[c] = a;
+    if (pg.dbeta) pg.dbeta[c] = b;
   }
 }
 
@@ -1183,12 +1236,16 @@ void saved_per_channel(const RowStats<T>& saved, Index C, std::vector<T>& hi, st
   }
 }
 
-template <class Isa, class T>
-void backward_train(const Spec& spec, const View<const T>& dy, const View<const T>& x,
-                    const Affine<T>& p, const RowStats<T>& saved, const GlobalGrad* gg,
-                    const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta,
-                    const Exec& device) {
-  const std::string where = std::string(spec.op) + (gg ? "::backward_global" : "::backward");
+inline std::string backward_where(const Spec& spec, const GlobalGrad* gg) {
+  return std::string(spec.op) + (gg ? "::backward_global" : "::backward");
+}
+
+// Every check of a training backward (or backward_global); returns x's geometry.
+template <class T, class P, class S>
+Geo check_backward_train(const Spec& spec, const std::string& where, const View<const T>& dy,
+                         const View<const T>& x, const Affine<P>& p, const RowStats<S>& saved,
+                         const GlobalGrad* gg, const View<T>& dx, const View<P>& dgamma,
+                         const View<P>& dbeta) {
   const bool batch = spec.kind == Kind::Batch;
   const Geo g = check_x(spec, where, "x", x, batch);
   check_backward(spec, where, g, dy, x, p, dx, dgamma, dbeta);
@@ -1202,45 +1259,96 @@ void backward_train(const Spec& spec, const View<const T>& dy, const View<const 
       fail(where, "global_count", "the number of values per channel in the whole batch (> 0)",
            std::to_string(gg->count));
   }
-  if (batch) {
+  return g;
+}
+
+// A checked training backward: dx (if present) and the double parameter sums pg.
+template <class Isa, class T>
+void backward_train_run(const Spec& spec, const Geo& g, const View<const T>& dy,
+                        const View<const T>& x, const T* gamma, const RowStats<T>& saved,
+                        const GlobalGrad* gg, const View<T>& dx, const ParamGrads& pg,
+                        const Exec& device) {
+  if (spec.kind == Kind::Batch) {
     std::vector<T> hi, lo;
     std::vector<double> rstd;
     saved_per_channel(saved, g.C, hi, lo, rstd);
-    backward_per_channel<Isa, T>(g, gg ? Mode::Global : Mode::Train, dy, x, hi, lo, rstd,
-                                 p.gamma.data, gg, dx, dgamma, dbeta, nullptr, device);
+    backward_per_channel<Isa, T>(g, gg ? Mode::Global : Mode::Train, dy, x, hi, lo, rstd, gamma,
+                                 gg, dx, pg, nullptr, device);
   } else {
-    backward_per_sample<Isa, T>(g, dy, x, saved, p.gamma.data, dx, dgamma, dbeta, device);
+    backward_per_sample<Isa, T>(g, dy, x, saved, gamma, dx, pg, device);
   }
 }
 
+// Double sums for the wanted parameter gradients.
+struct GradSums {
+  std::vector<double> dg, db;
+  template <class P>
+  GradSums(Index C, const View<P>& dgamma, const View<P>& dbeta)
+      : dg(static_cast<std::size_t>(dgamma.present ? C : 0)),
+        db(static_cast<std::size_t>(dbeta.present ? C : 0)) {}
+  ParamGrads ptrs() {
+    return {dg.empty() ? nullptr : dg.data(), db.empty() ? nullptr : db.data()};
+  }
+};
+
 template <class Isa, class T>
-void backward_eval(const Spec& spec, const View<const T>& dy, const View<const T>& x,
-                   const Affine<T>& p, const Running<T>& run, const View<T>& dx,
-                   const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
-  const std::string where = std::string(spec.op) + "::backward_eval";
+void backward_train(const Spec& spec, const View<const T>& dy, const View<const T>& x,
+                    const Affine<T>& p, const RowStats<T>& saved, const GlobalGrad* gg,
+                    const View<T>& dx, const View<T>& dgamma, const View<T>& dbeta,
+                    const Exec& device) {
+  const Geo g = check_backward_train(spec, backward_where(spec, gg), dy, x, p, saved, gg, dx,
+                                     dgamma, dbeta);
+  GradSums sums(g.C, dgamma, dbeta);
+  backward_train_run<Isa, T>(spec, g, dy, x, p.gamma.data, saved, gg, dx, sums.ptrs(), device);
+  write_param_grads(dgamma, dbeta, sums.dg, sums.db);
+}
+
+template <class T, class P, class R>
+Geo check_backward_eval(const Spec& spec, const std::string& where, const View<const T>& dy,
+                        const View<const T>& x, const Affine<P>& p, const Running<R>& run,
+                        const View<T>& dx, const View<P>& dgamma, const View<P>& dbeta) {
   const Geo g = check_x(spec, where, "x", x, true);
   check_backward(spec, where, g, dy, x, p, dx, dgamma, dbeta);
   check_running(spec, where, run, g.C, true, false);
   if (any_overlap(dx, run.mean) || any_overlap(dx, run.var) || any_overlap(dgamma, run.mean) ||
       any_overlap(dgamma, run.var) || any_overlap(dbeta, run.mean) || any_overlap(dbeta, run.var))
     fail(where, "running", "memory disjoint from dx, dgamma and dbeta", "an overlap");
+  return g;
+}
+
+// A checked evaluation backward: dx (if present) and the double parameter sums pg.
+template <class Isa, class T>
+void backward_eval_run(const Spec& spec, const Geo& g, const View<const T>& dy,
+                       const View<const T>& x, const T* gamma, const Running<T>& run,
+                       const View<T>& dx, const ParamGrads& pg, const Exec& device) {
   std::vector<T> hi(static_cast<std::size_t>(g.C)), lo(hi.size(), T(0));
   std::vector<double> rstd(hi.size());
   for (Index c = 0; c < g.C; ++c) {
     hi[static_cast<std::size_t>(c)] = run.mean.data[c];
     rstd[static_cast<std::size_t>(c)] = running_stat(run, c, spec.eps).rstd;
   }
-  backward_per_channel<Isa, T>(g, Mode::Eval, dy, x, hi, lo, rstd, p.gamma.data, nullptr, dx,
-                               dgamma, dbeta, nullptr, device);
+  backward_per_channel<Isa, T>(g, Mode::Eval, dy, x, hi, lo, rstd, gamma, nullptr, dx, pg,
+                               nullptr, device);
+}
+
+template <class Isa, class T>
+void backward_eval(const Spec& spec, const View<const T>& dy, const View<const T>& x,
+                   const Affine<T>& p, const Running<T>& run, const View<T>& dx,
+                   const View<T>& dgamma, const View<T>& dbeta, const Exec& device) {
+  const Geo g = check_backward_eval(spec, std::string(spec.op) + "::backward_eval", dy, x, p, run,
+                                    dx, dgamma, dbeta);
+  GradSums sums(g.C, dgamma, dbeta);
+  backward_eval_run<Isa, T>(spec, g, dy, x, p.gamma.data, run, dx, sums.ptrs(), device);
+  write_param_grads(dgamma, dbeta, sums.dg, sums.db);
 }
 
 // ---------------------------------------------------------------------------------
 // Data-parallel BatchNorm: the per-shard reductions.
 
+// partial_stats checks x alone (check_x with batch statistics); then this, which throws
+// nothing.
 template <class Isa, class T>
-ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Exec& device) {
-  const std::string where = std::string(spec.op) + "::partial_stats";
-  const Geo g = check_x(spec, where, "x", x, true);
+ChannelMoments partial_stats_run(const Geo& g, const View<const T>& x, const Exec& device) {
   ChannelMoments out;
   out.count = static_cast<double>(g.count());
   out.mean.resize(g.C);
@@ -1269,20 +1377,41 @@ ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Exe
 }
 
 template <class Isa, class T>
-ChannelGradSums partial_grad_sums(const Spec& spec, const View<const T>& dy, const View<const T>& x,
-                                  const RowStats<T>& saved, const Exec& device) {
-  const std::string where = std::string(spec.op) + "::partial_grad_sums";
+ChannelMoments partial_stats(const Spec& spec, const View<const T>& x, const Exec& device) {
+  const Geo g = check_x(spec, std::string(spec.op) + "::partial_stats", "x", x, true);
+  return partial_stats_run<Isa, T>(g, x, device);
+}
+
+template <class T, class S>
+Geo check_partial_grad_sums(const Spec& spec, const std::string& where, const View<const T>& dy,
+                            const View<const T>& x, const RowStats<S>& saved) {
   const Geo g = check_x(spec, where, "x", x, true);
   if (!same_dims(dy, x)) fail(where, "dy", "dims " + x.str() + " (those of x)", dy.str());
   require_data(where, "dy", dy);
   check_saved(where, saved, g.C, "one per channel");
+  return g;
+}
+
+// A checked partial_grad_sums: throws nothing.
+template <class Isa, class T>
+ChannelGradSums partial_grad_sums_run(const Geo& g, const View<const T>& dy,
+                                      const View<const T>& x, const RowStats<T>& saved,
+                                      const Exec& device) {
   std::vector<T> hi, lo;
   std::vector<double> rstd;
   saved_per_channel(saved, g.C, hi, lo, rstd);
   ChannelGradSums out;
   backward_per_channel<Isa, T>(g, Mode::Train, dy, x, hi, lo, rstd, nullptr, nullptr, View<T>{},
-                               View<T>{}, View<T>{}, &out, device);
+                               ParamGrads{}, &out, device);
   return out;
+}
+
+template <class Isa, class T>
+ChannelGradSums partial_grad_sums(const Spec& spec, const View<const T>& dy, const View<const T>& x,
+                                  const RowStats<T>& saved, const Exec& device) {
+  const Geo g = check_partial_grad_sums(spec, std::string(spec.op) + "::partial_grad_sums", dy, x,
+                                        saved);
+  return partial_grad_sums_run<Isa, T>(g, dy, x, saved, device);
 }
 
 }  // namespace channel
