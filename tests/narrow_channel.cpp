@@ -722,6 +722,13 @@ TEMPLATE_TEST_CASE("Narrow channel norms: NaN poisons only its own channel or gr
 
 namespace {
 
+template <class U>
+Eigen::Tensor<U, 1> zeros(Index n) {
+  Eigen::Tensor<U, 1> t(n);
+  t.setZero();
+  return t;
+}
+
 // Tiny (2, 3, 2, 2) channels-first problems in storage U (narrow, or float for the twin),
 // float parameters and statistics, every output filled with a sentinel.
 template <class U>
@@ -850,7 +857,7 @@ TEMPLATE_TEST_CASE("Narrow channel norms: bad arguments throw before writing, wi
   check("backward, dgamma without gamma", [&](auto& e) {
     using U = typename std::decay_t<decltype(e)>::type;
     Stats st;
-    st.mean = st.mean_lo = st.rstd = Eigen::Tensor<float, 1>(3);
+    st.mean = st.mean_lo = st.rstd = zeros<float>(3);
     Vec1<float> dg = e.V(e.dg);
     normkit::BatchNorm<U>(F::First, 1e-5, 0.1, AffineMode::None)
         .backward(e.DY(), e.X(), normkit::Affine<float>{}, st, e.DX(e.dx.data()), dg,
@@ -859,7 +866,7 @@ TEMPLATE_TEST_CASE("Narrow channel norms: bad arguments throw before writing, wi
   check("backward, dx partly overlaps dy", [&](auto& e) {
     using U = typename std::decay_t<decltype(e)>::type;
     Stats st;
-    st.mean = st.mean_lo = st.rstd = Eigen::Tensor<float, 1>(3);
+    st.mean = st.mean_lo = st.rstd = zeros<float>(3);
     bn(e).backward(e.DY(), e.X(), e.P(), st, e.DX(const_cast<U*>(e.dy.data()) + 1), normkit::skip,
                    normkit::skip);
   });
@@ -870,21 +877,21 @@ TEMPLATE_TEST_CASE("Narrow channel norms: bad arguments throw before writing, wi
   check("forward_global, channels", [&](auto& e) {
     normkit::ChannelMoments g;
     g.count = 8;
-    g.mean = g.m2 = Eigen::Tensor<double, 1>(2);
+    g.mean = g.m2 = zeros<double>(2);
     bn(e).forward_global(e.X(), e.P(), g, e.Y(), e.saved);
   });
   check("backward_global, count", [&](auto& e) {
     Stats st;
-    st.mean = st.mean_lo = st.rstd = Eigen::Tensor<float, 1>(3);
+    st.mean = st.mean_lo = st.rstd = zeros<float>(3);
     normkit::ChannelGradSums gs;
-    gs.sum_dy = gs.sum_dy_xhat = Eigen::Tensor<double, 1>(3);
+    gs.sum_dy = gs.sum_dy_xhat = zeros<double>(3);
     bn(e).backward_global(e.DY(), e.X(), e.P(), st, gs, 0.0, e.DX(e.dx.data()), normkit::skip,
                           normkit::skip);
   });
   check("partial_grad_sums, dy dims", [&](auto& e) {
     using U = typename std::decay_t<decltype(e)>::type;
     Stats st;
-    st.mean = st.mean_lo = st.rstd = Eigen::Tensor<float, 1>(3);
+    st.mean = st.mean_lo = st.rstd = zeros<float>(3);
     (void)bn(e).partial_grad_sums(nt::cmap<U, 4, Eigen::RowMajor>(e.dy.data(), {1, 2, 3, 2}), e.X(), st);
   });
   check("partial_stats, rank 1", [&](auto& e) {

@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -84,14 +85,21 @@ void for_runs(const Geo& g, Index c0, Index cb, F&& f) {
   }
 }
 
+// (Each enters Isa::run itself: for_blocks' tasks do not, see there.)
 template <class Isa, class T>
 void widen_block(const Geo& g, Index c0, Index cb, const T* src, float* dst) {
-  for_runs(g, c0, cb, [&](Index o, Index b, Index n) { kernels::widen_row<Isa>(src + o, dst + b, n); });
+  Isa::run([&] {
+    for_runs(g, c0, cb,
+             [&](Index o, Index b, Index n) { kernels::widen_row<Isa>(src + o, dst + b, n); });
+  });
 }
 
 template <class Isa, class T>
 void narrow_block(const Geo& g, Index c0, Index cb, const float* src, T* dst) {
-  for_runs(g, c0, cb, [&](Index o, Index b, Index n) { kernels::narrow_row<Isa>(src + b, dst + o, n); });
+  Isa::run([&] {
+    for_runs(g, c0, cb,
+             [&](Index o, Index b, Index n) { kernels::narrow_row<Isa>(src + b, dst + o, n); });
+  });
 }
 
 // The block as a tensor: x's extents with cb channels, over data.
@@ -150,6 +158,16 @@ struct Stage {
 
 // Runs f(block, stage) over the channel blocks of the checked tensor of geometry g,
 // blocks in parallel on device, one Stage per task.
+//
+// The tasks do not run inside Isa::run (parallel_for's region, compiled for the
+// backend's target): the float engine's code between its own regions (moments_last_batch
+// finishing its column sums, update_running) is then compiled exactly as when the float
+// op calls it, for the build's base target. Inside a region built with FMA, GCC contracts
+// its a * b + c (s2 - s * md, the momentum update) into fused operations where the
+// float op does not (GNU mode's -ffp-contract=fast): BatchNorm channels last differed
+// from the float op in the last bits of m2 and the running variance in the dispatch
+// build, until this. The engine's hot regions enter Isa::run themselves, as for the
+// float op, and so do widen_block / narrow_block.
 template <class Isa, class F>
 void for_blocks(const Spec& spec, const Geo& g, int arrays, const Exec& device, F&& f) {
   const Index cpb = narrow_block_channels(g);
@@ -157,7 +175,7 @@ void for_blocks(const Spec& spec, const Geo& g, int arrays, const Exec& device, 
   const Index elems = g.N * cpb * g.M;
   const double bytes = static_cast<double>(elems) * 2.0;
   const Eigen::TensorOpCost cost(bytes * arrays, bytes, 10.0 * static_cast<double>(elems));
-  parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
+  const auto task = [&](Index b0, Index b1) {
     Stage stage;
     stage.elems = elems;
     stage.buf.resize(static_cast<std::size_t>(elems * arrays));
@@ -172,7 +190,12 @@ void for_blocks(const Spec& spec, const Geo& g, int arrays, const Exec& device, 
       if (spec.kind == Kind::Group) k.spec.groups = static_cast<int>(k.g.G);
       f(k, stage);
     }
-  });
+  };
+  if (blocks <= 0) return;
+  if (device.parallel())
+    device.parallelFor(blocks, cost, std::function<void(Index, Index)>(task));
+  else
+    task(Index{0}, blocks);
 }
 
 // f(index in the full statistics, index in the block's) for each statistic of block k.
