@@ -4,7 +4,8 @@
 
 #define EIGEN_USE_THREADS
 #include <catch2/catch.hpp>
-#include <normkit/normkit.hpp>
+// The engines are compiled once, in tests/engines_*.cpp (normkit/extern_templates.hpp).
+#include <normkit/extern_templates.hpp>
 
 #include <algorithm>
 #include <array>
