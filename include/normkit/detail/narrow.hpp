@@ -1,4 +1,5 @@
-// normkit: narrow storage (Eigen::bfloat16, Eigen::half) for the row norms, staged
+// normkit: narrow storage (Eigen::bfloat16, Eigen::half) for the row norms (LayerNorm,
+// RMSNorm, their fused residual, and through adaptive_norm.hpp the adaptive forms), staged
 // through the float engine (row_norm.hpp), so that every op reuses its float kernels.
 //
 // A call is cut into blocks of rows whose size depends on the row length only (never on
@@ -6,7 +7,9 @@
 // stays in cache, the float passes run on it with a serial device, and the float results
 // are rounded to the storage type, to nearest even. So a forward y is, bit for bit, the
 // float op on the widened inputs, rounded once; its statistics are saved in float, and
-// backward is as accurate as float's. x^2 is never formed in the narrow type: half's max
+// backward is as accurate as float's. The fused residual rounds s = alpha x + r to T,
+// stores it, and normalizes the stored s (so y equals add-then-norm in T, and backward,
+// which sees only the stored s, matches forward). x^2 is never formed in the narrow type: half's max
 // is 65504, and 300^2 already overflows it.
 //
 // The conversions: kernels::widen_row / narrow_row, a packet at a time through the
