@@ -67,24 +67,47 @@
   NORMKIT_ADAPTIVE_ENGINES_(I, EXT, T, modulated_forward, modulated_backward) \
   NORMKIT_ADAPTIVE_ENGINES_(I, EXT, T, elementwise_forward, elementwise_backward)
 
-// Narrow storage of the row norms: T = bfloat16 or half, parameters P = T or float.
+// Narrow storage of the row norms, their fused residual and the adaptive forms: T =
+// bfloat16 or half, parameters (or condition) P = T or float.
 #define NORMKIT_NARROW_ENGINES_(I, EXT, T, P, C)                                              \
   EXT template void ::normkit::detail::forward_narrow<I, T, P, C>(                            \
       const ::normkit::detail::RowNormSpec&, bool, const ::normkit::detail::View<const T>&,   \
       const ::normkit::Affine<P>&, const ::normkit::detail::View<T>&,                         \
-      ::normkit::RowStats<float>&, const ::normkit::detail::Exec&);                           \
+      ::normkit::RowStats<float>&, const ::normkit::detail::Exec&,                            \
+      const ::normkit::detail::Residual<T>*);                                                 \
   EXT template void ::normkit::detail::backward_narrow<I, T, P, C>(                           \
+      const ::normkit::detail::RowNormSpec&, const ::normkit::detail::View<const T>&,         \
+      const ::normkit::detail::View<const T>&, const ::normkit::Affine<P>&,                   \
+      const ::normkit::RowStats<float>&, const ::normkit::detail::View<T>&,                   \
+      const ::normkit::detail::View<P>&, const ::normkit::detail::View<P>&,                   \
+      const ::normkit::detail::Exec&);                                                        \
+  EXT template void ::normkit::detail::backward_residual_narrow<I, T, P, C>(                  \
+      const ::normkit::detail::RowNormSpec&, const ::normkit::detail::View<const T>&,         \
+      const ::normkit::detail::View<const T>&, const ::normkit::detail::View<const T>&,       \
+      const ::normkit::Affine<P>&, const ::normkit::RowStats<float>&, double,                 \
+      const ::normkit::detail::View<T>&, const ::normkit::detail::View<T>&,                   \
+      const ::normkit::detail::View<P>&, const ::normkit::detail::View<P>&,                   \
+      const ::normkit::detail::Exec&);
+
+#define NORMKIT_NARROW_ADAPTIVE_(I, EXT, T, P, NAME, GRAD)                                    \
+  EXT template void ::normkit::detail::NAME<I, T, P>(                                         \
+      const ::normkit::detail::RowNormSpec&, const ::normkit::detail::View<const T>&,         \
+      const ::normkit::Affine<P>&, const ::normkit::detail::View<T>&,                         \
+      ::normkit::RowStats<float>&, const ::normkit::detail::Exec&);                           \
+  EXT template void ::normkit::detail::GRAD<I, T, P>(                                         \
       const ::normkit::detail::RowNormSpec&, const ::normkit::detail::View<const T>&,         \
       const ::normkit::detail::View<const T>&, const ::normkit::Affine<P>&,                   \
       const ::normkit::RowStats<float>&, const ::normkit::detail::View<T>&,                   \
       const ::normkit::detail::View<P>&, const ::normkit::detail::View<P>&,                   \
       const ::normkit::detail::Exec&);
 
-#define NORMKIT_NARROW_ALL_(I, EXT, T)               \
-  NORMKIT_NARROW_ENGINES_(I, EXT, T, T, true)        \
-  NORMKIT_NARROW_ENGINES_(I, EXT, T, T, false)       \
-  NORMKIT_NARROW_ENGINES_(I, EXT, T, float, true)    \
-  NORMKIT_NARROW_ENGINES_(I, EXT, T, float, false)
+#define NORMKIT_NARROW_P_(I, EXT, T, P)                                                      \
+  NORMKIT_NARROW_ENGINES_(I, EXT, T, P, true)                                                \
+  NORMKIT_NARROW_ENGINES_(I, EXT, T, P, false)                                               \
+  NORMKIT_NARROW_ADAPTIVE_(I, EXT, T, P, modulated_forward_narrow, modulated_backward_narrow) \
+  NORMKIT_NARROW_ADAPTIVE_(I, EXT, T, P, elementwise_forward_narrow, elementwise_backward_narrow)
+
+#define NORMKIT_NARROW_ALL_(I, EXT, T) NORMKIT_NARROW_P_(I, EXT, T, T) NORMKIT_NARROW_P_(I, EXT, T, float)
 
 // The channel norms (BatchNorm, GroupNorm, InstanceNorm), T = float or double.
 #define NORMKIT_CHANNEL_ALL_(I, EXT, T)                                                       \
