@@ -10,10 +10,11 @@
 //     float, double, bfloat16 and half;
 //   - in exactly one translation unit, define NORMKIT_INSTANTIATE before including it:
 //     that one compiles them all. To spread the work over several translation units,
-//     define instead NORMKIT_INSTANTIATE_ROW (LayerNorm, RMSNorm, AdaptiveLayerNorm, fused
-//     residual), NORMKIT_INSTANTIATE_NARROW (their bfloat16 and half storage) or
-//     NORMKIT_INSTANTIATE_CHANNEL (BatchNorm, GroupNorm, InstanceNorm), each in one
-//     translation unit.
+//     define instead, each in one translation unit, NORMKIT_INSTANTIATE_ROW (LayerNorm,
+//     RMSNorm, their fused residual, AdaNorm), NORMKIT_INSTANTIATE_ADAPTIVE (the
+//     modulated and element-wise AdaptiveLayerNorm), NORMKIT_INSTANTIATE_NARROW (the
+//     bfloat16 and half storage of all of these) and NORMKIT_INSTANTIATE_CHANNEL
+//     (BatchNorm, GroupNorm, InstanceNorm).
 // All translation units must see the same configuration macros (NORMKIT_MAX_ISA,
 // NORMKIT_NO_DISPATCH, ...) and target flags, as for any header-only library. Ops with
 // an explicit non-default Isa argument are compiled where used, as usual.
@@ -23,12 +24,15 @@
 
 #if defined(NORMKIT_INSTANTIATE)
 #define NORMKIT_INSTANTIATE_ROW
+#define NORMKIT_INSTANTIATE_ADAPTIVE
 #define NORMKIT_INSTANTIATE_NARROW
 #define NORMKIT_INSTANTIATE_CHANNEL
 #endif
 
 #define NORMKIT_EXTERN_ROW_(I, unused) NORMKIT_ROW_GROUP_(I, extern)
 #define NORMKIT_DEFINE_ROW_(I, unused) NORMKIT_ROW_GROUP_(I, )
+#define NORMKIT_EXTERN_ADAPTIVE_(I, unused) NORMKIT_ADAPTIVE_GROUP_(I, extern)
+#define NORMKIT_DEFINE_ADAPTIVE_(I, unused) NORMKIT_ADAPTIVE_GROUP_(I, )
 #define NORMKIT_EXTERN_NARROW_(I, unused) NORMKIT_NARROW_GROUP_(I, extern)
 #define NORMKIT_DEFINE_NARROW_(I, unused) NORMKIT_NARROW_GROUP_(I, )
 #define NORMKIT_EXTERN_CHANNEL_(I, unused) NORMKIT_CHANNEL_GROUP_(I, extern)
@@ -38,6 +42,11 @@
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_ROW_, 0)
 #else
 NORMKIT_EACH_ISA(NORMKIT_EXTERN_ROW_, 0)
+#endif
+#if defined(NORMKIT_INSTANTIATE_ADAPTIVE)
+NORMKIT_EACH_ISA(NORMKIT_DEFINE_ADAPTIVE_, 0)
+#else
+NORMKIT_EACH_ISA(NORMKIT_EXTERN_ADAPTIVE_, 0)
 #endif
 #if defined(NORMKIT_INSTANTIATE_NARROW)
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_NARROW_, 0)

@@ -28,8 +28,8 @@
 #define NORMKIT_EACH_ISA(M, ...) M(::normkit::detail::simd::Best, __VA_ARGS__)
 #endif
 
-// The row norms (LayerNorm: Center true; RMSNorm: false), their fused residual, and the
-// adaptive forms, for T = float or double.
+// The row norms (LayerNorm: Center true; RMSNorm: false) and their fused residual, and
+// the adaptive forms (AdaNorm is LayerNorm's forward), for T = float or double.
 #define NORMKIT_ROW_ENGINES_(I, EXT, T, C)                                                     \
   EXT template void ::normkit::detail::forward<I, T, C>(                                       \
       const ::normkit::detail::RowNormSpec&, const ::normkit::detail::View<const T>&,          \
@@ -61,9 +61,9 @@
       const ::normkit::detail::View<T>&, const ::normkit::detail::View<T>&,                    \
       const ::normkit::detail::Exec&);
 
-#define NORMKIT_ROW_ALL_(I, EXT, T)                                         \
-  NORMKIT_ROW_ENGINES_(I, EXT, T, true)                                     \
-  NORMKIT_ROW_ENGINES_(I, EXT, T, false)                                    \
+#define NORMKIT_ROW_ALL_(I, EXT, T) \
+  NORMKIT_ROW_ENGINES_(I, EXT, T, true) NORMKIT_ROW_ENGINES_(I, EXT, T, false)
+#define NORMKIT_ADAPTIVE_ALL_(I, EXT, T)                                        \
   NORMKIT_ADAPTIVE_ENGINES_(I, EXT, T, modulated_forward, modulated_backward) \
   NORMKIT_ADAPTIVE_ENGINES_(I, EXT, T, elementwise_forward, elementwise_backward)
 
@@ -142,6 +142,8 @@
 
 // Every group for one backend: EXT is `extern` (declarations) or empty (definitions).
 #define NORMKIT_ROW_GROUP_(I, EXT) NORMKIT_ROW_ALL_(I, EXT, float) NORMKIT_ROW_ALL_(I, EXT, double)
+#define NORMKIT_ADAPTIVE_GROUP_(I, EXT) \
+  NORMKIT_ADAPTIVE_ALL_(I, EXT, float) NORMKIT_ADAPTIVE_ALL_(I, EXT, double)
 #define NORMKIT_NARROW_GROUP_(I, EXT) \
   NORMKIT_NARROW_ALL_(I, EXT, ::Eigen::bfloat16) NORMKIT_NARROW_ALL_(I, EXT, ::Eigen::half)
 #define NORMKIT_CHANNEL_GROUP_(I, EXT) \
