@@ -392,22 +392,8 @@ void bwd_res(const RMS<T, Isa>& o, const DS& ds, const DY& dy, const S& s,
 // x, gamma, beta and dy (pr); r and ds; s = fma(alpha, x, r) rounded once in T, and a
 // twin problem (same seed: the same gamma, beta, dy) whose x is that s, for the checks of
 // y = norm(s) and of dgamma, dbeta through nt::compare_forward / compare_backward.
-// s = alpha x + r as the backend under test rounds it (README "Fused residual"): once (an
-// fma) where the target has FMA, as every AVX2, AVX-512 and aarch64 build; twice (alpha x,
-// then + r) in a scalar build without FMA, where a software fma would cost more than the op.
-// With runtime dispatch the backend under test fuses when it is AVX2 or AVX-512 even
-// though this file's flags lack FMA (Isa::has_fma of the dispatched backend).
-inline bool best_fuses() {
-  return normkit::detail::simd::visit<normkit::detail::simd::Best>(
-      [](auto isa) { return decltype(isa)::has_fma; });
-}
-
-template <class T>
-T residual_sum(T alpha, T x, T r, bool fused) {
-  if (fused) return std::fma(alpha, x, r);
-  volatile T ax = alpha * x;  // rounded on its own, whatever the compiler contracts
-  return ax + r;
-}
+using nt::best_fuses;
+using nt::residual_sum;
 
 template <class T>
 struct ResProblem {

@@ -4,7 +4,8 @@
 
 #define EIGEN_USE_THREADS
 #include <catch2/catch.hpp>
-#include <normkit/normkit.hpp>
+// The engines are compiled once, in tests/engines_*.cpp (normkit/extern_templates.hpp).
+#include <normkit/extern_templates.hpp>
 
 #include <algorithm>
 #include <array>
@@ -152,6 +153,23 @@ double central(const L& loss, double& v, double h) {
   const double lm = loss();
   v = v0;
   return (lp - lm) / (2 * h);
+}
+
+// s = alpha x + r as the backend under test rounds it (README "Fused residual"): once (an
+// fma) where the target has FMA, as every AVX2, AVX-512 and aarch64 build; twice (alpha x,
+// then + r) in a scalar build without FMA, where a software fma would cost more than the op.
+// With runtime dispatch the backend under test fuses when it is AVX2 or AVX-512 even
+// though this file's flags lack FMA (Isa::has_fma of the dispatched backend).
+inline bool best_fuses() {
+  return normkit::detail::simd::visit<normkit::detail::simd::Best>(
+      [](auto isa) { return decltype(isa)::has_fma; });
+}
+
+template <class T>
+T residual_sum(T alpha, T x, T r, bool fused) {
+  if (fused) return std::fma(alpha, x, r);
+  volatile T ax = alpha * x;  // rounded on its own, whatever the compiler contracts
+  return ax + r;
 }
 
 }  // namespace nt

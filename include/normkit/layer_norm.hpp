@@ -125,39 +125,90 @@ class LayerNorm {
   // statistics of s. s may be r itself (updating the stream in place) or x; y may be x or
   // r, not s. alpha = 1 for a plain pre-norm block, alpha > 1 for DeepNorm. Post-norm
   // (y = LN(x + sublayer(x))) is the same call with only y used.
+  // Narrow T: s = T(alpha * x + r), the float op's add on the widened x and r (one fma)
+  // rounded to nearest even, and y is LayerNorm<T>::forward of that stored s, bit for bit
+  // (so the fused op equals add-then-norm in T, and backward_residual, which sees only the
+  // stored s, differentiates the y it returned). saved is RowStats<float>; params may be
+  // Affine<float> (README "Narrow storage").
   template <class X, class R, class S, class Y, class Device = Eigen::DefaultDevice>
   void forward_residual(const X& x, const R& r, const Affine<T>& params, S&& s, Y&& y,
-                        RowStats<T>& saved, double alpha = 1.0,
+                        RowStats<Stat>& saved, double alpha = 1.0,
                         const Device& device = Device()) const {
-    static_assert(sizeof(X) == 0 || !kNarrow,
-                  "normkit::LayerNorm::forward_residual: not yet for narrow storage");
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params, detail::out<T>(y),
-                                               saved, detail::Exec(device), &res);
-    });
+    if constexpr (kNarrow) {
+      forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params,
+                                                  detail::out<T>(y), saved, detail::Exec(device),
+                                                  &res);
+      });
+    }
+  }
+  template <class P, class X, class R, class S, class Y, class Device = Eigen::DefaultDevice,
+            if_float_params<P> = 0>
+  void forward_residual(const X& x, const R& r, const Affine<P>& params, S&& s, Y&& y,
+                        RowStats<Stat>& saved, double alpha = 1.0,
+                        const Device& device = Device()) const {
+    const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
+    forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
   }
 
   // Its backward: ds = dL/ds from downstream (normkit::skip when s is not used, as in a
   // post-norm block) and dy = dL/dy; s and saved from forward_residual. With t = ds +
   // (LayerNorm's dL/ds): dx = alpha * t, dr = t; dgamma, dbeta as in backward. Each output
   // may be normkit::skip; dr may be ds itself, dx may be dy itself.
+  // Narrow T: t in float from the widened ds, dy and s (the float op's), dx = T(alpha t),
+  // dr = T(t); dgamma and dbeta in the parameters' type, as backward.
   template <class DS, class DY, class S, class DX, class DR, class DG, class DB,
             class Device = Eigen::DefaultDevice>
   void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
-                         const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
+                         const RowStats<Stat>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
                          double alpha = 1.0, const Device& device = Device()) const {
-    static_assert(sizeof(DS) == 0 || !kNarrow,
-                  "normkit::LayerNorm::backward_residual: not yet for narrow storage");
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::backward_residual<decltype(isa_), T, true>(
-          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
-          detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::out<T>(dbeta),
-          detail::Exec(device));
-    });
+    if constexpr (kNarrow) {
+      backward_residual_narrow(ds, dy, s, params, saved, std::forward<DX>(dx),
+                               std::forward<DR>(dr), std::forward<DG>(dgamma),
+                               std::forward<DB>(dbeta), alpha, device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::backward_residual<decltype(isa_), T, true>(
+            spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+            detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::out<T>(dbeta),
+            detail::Exec(device));
+      });
+    }
+  }
+  template <class P, class DS, class DY, class S, class DX, class DR, class DG, class DB,
+            class Device = Eigen::DefaultDevice, if_float_params<P> = 0>
+  void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
+                         const RowStats<Stat>& saved, DX&& dx, DR&& dr, DG&& dgamma, DB&& dbeta,
+                         double alpha = 1.0, const Device& device = Device()) const {
+    backward_residual_narrow(ds, dy, s, params, saved, std::forward<DX>(dx), std::forward<DR>(dr),
+                             std::forward<DG>(dgamma), std::forward<DB>(dbeta), alpha, device);
   }
 
  private:
+  template <class P, class X, class Y, class Device>
+  void forward_residual_narrow(const X& x, const Affine<P>& params, const detail::Residual<T>& res,
+                               Y&& y, RowStats<float>& saved, const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward_narrow<decltype(isa_), T, P, true>(spec(), false, detail::in<T>(x), params,
+                                                         detail::out<T>(y), saved,
+                                                         detail::Exec(device), &res);
+    });
+  }
+  template <class P, class DS, class DY, class S, class DX, class DR, class DG, class DB,
+            class Device>
+  void backward_residual_narrow(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
+                                const RowStats<float>& saved, DX&& dx, DR&& dr, DG&& dgamma,
+                                DB&& dbeta, double alpha, const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward_residual_narrow<decltype(isa_), T, P, true>(
+          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+          detail::out<T>(dx), detail::out<T>(dr), detail::out<P>(dgamma), detail::out<P>(dbeta),
+          detail::Exec(device));
+    });
+  }
   template <class P, class X, class Y, class Device>
   void forward_narrow(const X& x, const Affine<P>& params, Y&& y, RowStats<float>& saved,
                       const Device& device) const {

@@ -129,37 +129,80 @@ class RMSNorm {
   }
 
   // Fused residual: s = alpha * x + r, y = RMSNorm(s) (the add + RMSNorm of LLaMA-style
-  // blocks, in one pass over memory). As LayerNorm::forward_residual.
+  // blocks, in one pass over memory). As LayerNorm::forward_residual; for narrow T, y is
+  // RMSNorm<T>::forward of the stored s, with this functor's cast order.
   template <class X, class R, class S, class Y, class Device = Eigen::DefaultDevice>
   void forward_residual(const X& x, const R& r, const Affine<T>& params, S&& s, Y&& y,
-                        RowStats<T>& saved, double alpha = 1.0,
+                        RowStats<Stat>& saved, double alpha = 1.0,
                         const Device& device = Device()) const {
-    static_assert(sizeof(X) == 0 || !kNarrow,
-                  "normkit::RMSNorm::forward_residual: not yet for narrow storage");
     const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params, detail::out<T>(y),
-                                                saved, detail::Exec(device), &res);
-    });
+    if constexpr (kNarrow) {
+      forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params,
+                                                  detail::out<T>(y), saved, detail::Exec(device),
+                                                  &res);
+      });
+    }
+  }
+  template <class P, class X, class R, class S, class Y, class Device = Eigen::DefaultDevice,
+            if_float_params<P> = 0>
+  void forward_residual(const X& x, const R& r, const Affine<P>& params, S&& s, Y&& y,
+                        RowStats<Stat>& saved, double alpha = 1.0,
+                        const Device& device = Device()) const {
+    const detail::Residual<T> res{detail::in<T>(r), detail::out<T>(s), alpha};
+    forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
   }
 
   // As LayerNorm::backward_residual, without dbeta.
   template <class DS, class DY, class S, class DX, class DR, class DG,
             class Device = Eigen::DefaultDevice>
   void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<T>& params,
-                         const RowStats<T>& saved, DX&& dx, DR&& dr, DG&& dgamma,
+                         const RowStats<Stat>& saved, DX&& dx, DR&& dr, DG&& dgamma,
                          double alpha = 1.0, const Device& device = Device()) const {
-    static_assert(sizeof(DS) == 0 || !kNarrow,
-                  "normkit::RMSNorm::backward_residual: not yet for narrow storage");
-    detail::simd::visit<Isa>([&](auto isa_) {
-      detail::backward_residual<decltype(isa_), T, false>(
-          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
-          detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::View<T>{},
-          detail::Exec(device));
-    });
+    if constexpr (kNarrow) {
+      backward_residual_narrow(ds, dy, s, params, saved, std::forward<DX>(dx),
+                               std::forward<DR>(dr), std::forward<DG>(dgamma), alpha, device);
+    } else {
+      detail::simd::visit<Isa>([&](auto isa_) {
+        detail::backward_residual<decltype(isa_), T, false>(
+            spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+            detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::View<T>{},
+            detail::Exec(device));
+      });
+    }
+  }
+  template <class P, class DS, class DY, class S, class DX, class DR, class DG,
+            class Device = Eigen::DefaultDevice, if_float_params<P> = 0>
+  void backward_residual(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
+                         const RowStats<Stat>& saved, DX&& dx, DR&& dr, DG&& dgamma,
+                         double alpha = 1.0, const Device& device = Device()) const {
+    backward_residual_narrow(ds, dy, s, params, saved, std::forward<DX>(dx), std::forward<DR>(dr),
+                             std::forward<DG>(dgamma), alpha, device);
   }
 
  private:
+  template <class P, class X, class Y, class Device>
+  void forward_residual_narrow(const X& x, const Affine<P>& params, const detail::Residual<T>& res,
+                               Y&& y, RowStats<float>& saved, const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::forward_narrow<decltype(isa_), T, P, false>(
+          spec(), cast_ == CastOrder::CastThenWeight, detail::in<T>(x), params, detail::out<T>(y),
+          saved, detail::Exec(device), &res);
+    });
+  }
+  template <class P, class DS, class DY, class S, class DX, class DR, class DG, class Device>
+  void backward_residual_narrow(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
+                                const RowStats<float>& saved, DX&& dx, DR&& dr, DG&& dgamma,
+                                double alpha, const Device& device) const {
+    detail::simd::visit<Isa>([&](auto isa_) {
+      detail::backward_residual_narrow<decltype(isa_), T, P, false>(
+          spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
+          detail::out<T>(dx), detail::out<T>(dr), detail::out<P>(dgamma), detail::View<P>{},
+          detail::Exec(device));
+    });
+  }
   template <class P, class X, class Y, class Device>
   void forward_narrow(const X& x, const Affine<P>& params, Y&& y, RowStats<float>& saved,
                       const Device& device) const {

@@ -1,4 +1,5 @@
-// normkit: narrow storage (Eigen::bfloat16, Eigen::half) for the row norms, staged
+// normkit: narrow storage (Eigen::bfloat16, Eigen::half) for the row norms (LayerNorm,
+// RMSNorm, their fused residual, and through adaptive_norm.hpp the adaptive forms), staged
 // through the float engine (row_norm.hpp), so that every op reuses its float kernels.
 //
 // A call is cut into blocks of rows whose size depends on the row length only (never on
@@ -6,7 +7,9 @@
 // stays in cache, the float passes run on it with a serial device, and the float results
 // are rounded to the storage type, to nearest even. So a forward y is, bit for bit, the
 // float op on the widened inputs, rounded once; its statistics are saved in float, and
-// backward is as accurate as float's. x^2 is never formed in the narrow type: half's max
+// backward is as accurate as float's. The fused residual rounds s = alpha x + r to T,
+// stores it, and normalizes the stored s (so y equals add-then-norm in T, and backward,
+// which sees only the stored s, matches forward). x^2 is never formed in the narrow type: half's max
 // is 65504, and 300^2 already overflows it.
 //
 // The conversions: kernels::widen_row / narrow_row, a packet at a time through the
@@ -19,6 +22,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "row_norm.hpp"
@@ -127,17 +131,18 @@ struct WideParams {
   const float* beta = nullptr;
 };
 
+// count: the elements of each parameter (n, or n per sample for the modulated form).
 template <class P>
-WideParams widen_params(const Affine<P>& p, Index n) {
+WideParams widen_params(const Affine<P>& p, Index count) {
   WideParams w;
   if constexpr (std::is_same<P, float>::value) {
     w.gamma = p.gamma.present ? p.gamma.data : nullptr;
     w.beta = p.beta.present ? p.beta.data : nullptr;
   } else {
-    auto widen = [n](const View<const P>& v, std::vector<float>& out) -> const float* {
+    auto widen = [count](const View<const P>& v, std::vector<float>& out) -> const float* {
       if (!v.present) return nullptr;
-      out.resize(static_cast<std::size_t>(n));
-      for (Index i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = static_cast<float>(v.data[i]);
+      out.resize(static_cast<std::size_t>(count));
+      for (Index i = 0; i < count; ++i) out[static_cast<std::size_t>(i)] = static_cast<float>(v.data[i]);
       return out.data();
     };
     w.gamma = widen(p.gamma, w.own_g);
@@ -146,13 +151,37 @@ WideParams widen_params(const Affine<P>& p, Index n) {
   return w;
 }
 
-// The rows of a checked forward call, parameters as float: independent of the
-// parameters' type (one instantiation for both).
+// The rows of one checked narrow forward call on raw pointers. Parameters: float arrays
+// (gamma, beta; shared by all rows, or with param_stride n one row of them per row of
+// x), or per-row arrays in T (gamma_t, beta_t: the element-wise condition in T, widened
+// a block at a time). Fused residual (r non-null): the row is s = T(alpha x + r) (the
+// float add, rounded), written to s, and normalized as stored.
+template <class T>
+struct NarrowPass {
+  const T* x;
+  T* y;
+  Index n, rows;
+  const float* gamma = nullptr;
+  const float* beta = nullptr;
+  const T* gamma_t = nullptr;
+  const T* beta_t = nullptr;
+  Index param_stride = 0;
+  float* mean_hi = nullptr;
+  float* mean_lo = nullptr;
+  float* rstd = nullptr;
+  const T* r = nullptr;
+  T* s = nullptr;
+  float alpha = 1.0f;
+};
+
+// Forward over the rows of q in blocks (independent of the parameters' type: one
+// instantiation for both). cast_then_weight: RMSNorm's LLaMA order (shared float gamma
+// only).
 template <class Isa, class T, bool Center>
-void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
-                         const View<T>& y, const WideParams& wp, RowStats<float>& saved,
+void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const NarrowPass<T>& q,
                          const Exec& device) {
-  const Index n = x.inner(spec.k), rows = x.outer(spec.k);
+  const Index n = q.n, rows = q.rows;
+  if (n == 0 || rows == 0) return;
   // LLaMA order: the float engine computes x * rstd alone; the weight comes after the
   // rounding (as a float (1 + w) for Gemma's zero-centred weight).
   RowNormSpec fspec = spec;
@@ -160,78 +189,137 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const V
   if (cast_then_weight) {
     fspec.scale = ScaleKind::None;
     if (spec.scale != ScaleKind::None) {
-      weight.assign(wp.gamma, wp.gamma + n);
+      weight.assign(q.gamma, q.gamma + n);
       if (spec.scale == ScaleKind::OnePlusGamma)
         for (float& w : weight) w = 1.0f + w;
     }
   }
   const float* w = weight.empty() ? nullptr : weight.data();
-  float* mean_hi = Center ? saved.mean.data() : nullptr;
-  float* mean_lo = Center ? saved.mean_lo.data() : nullptr;
-  float* rstd = saved.rstd.data();
+  const bool residual = q.r != nullptr;
+  const bool wide_g = q.gamma_t != nullptr, wide_b = q.beta_t != nullptr;
+  // Scratch arrays of a block: x (then s), r, gamma and beta rows in T widened.
+  const Index arrays = 1 + (residual ? 1 : 0) + (wide_g ? 1 : 0) + (wide_b ? 1 : 0);
 
   const Index block = narrow_block_rows(n);
   const Index blocks = (rows + block - 1) / block;
-  const double bytes = static_cast<double>(block * n * static_cast<Index>(sizeof(T)));
-  const Eigen::TensorOpCost cost(bytes, bytes, 6.0 * static_cast<double>(block * n));
+  const double bytes = static_cast<double>(block * n * arrays * static_cast<Index>(sizeof(T)));
+  const Eigen::TensorOpCost cost(bytes, bytes, 6.0 * static_cast<double>(block * n * arrays));
   const Exec serial;
   parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
-    std::vector<float> buf(static_cast<std::size_t>(block * n));
+    std::vector<float> buf(static_cast<std::size_t>(arrays * block * n));
+    float* bx = buf.data();
+    float* next = bx + block * n;
+    float* br = residual ? std::exchange(next, next + block * n) : nullptr;
+    float* bg = wide_g ? std::exchange(next, next + block * n) : nullptr;
+    float* bb = wide_b ? next : nullptr;
     for (Index b = b0; b < b1; ++b) {
-      const Index r0 = b * block, nr = std::min(block, rows - r0);
-      kernels::widen_row<Isa>(x.data + r0 * n, buf.data(), nr * n);
+      const Index r0 = b * block, nr = std::min(block, rows - r0), o = r0 * n;
+      kernels::widen_row<Isa>(q.x + o, bx, nr * n);
+      if (residual) {
+        // s = alpha x + r as the float op adds it, rounded to T and stored; then widened
+        // back, so that the statistics and y are those of the stored s.
+        kernels::widen_row<Isa>(q.r + o, br, nr * n);
+        kernels::residual_add<Isa>(bx, br, bx, nr * n, q.alpha);
+        kernels::narrow_row<Isa>(bx, q.s + o, nr * n);
+        kernels::widen_row<Isa>(q.s + o, bx, nr * n);
+      }
+      const float* g = q.gamma ? q.gamma + r0 * q.param_stride : nullptr;
+      const float* be = q.beta ? q.beta + r0 * q.param_stride : nullptr;
+      if (wide_g) {
+        kernels::widen_row<Isa>(q.gamma_t + o, bg, nr * n);
+        g = bg;
+      }
+      if (wide_b) {
+        kernels::widen_row<Isa>(q.beta_t + o, bb, nr * n);
+        be = bb;
+      }
       // Normalized in place in the scratch (no streaming: it stays in cache).
-      const RowPass<float> q{buf.data(), buf.data(), n,       nr,           wp.gamma,
-                             wp.beta,    0,          Center ? mean_hi + r0 : nullptr,
-                             Center ? mean_lo + r0 : nullptr, rstd + r0,    false};
-      forward_rows<Isa, float, Center>(fspec, q, serial);
+      const RowPass<float> fq{bx,
+                              bx,
+                              n,
+                              nr,
+                              cast_then_weight ? nullptr : g,
+                              be,
+                              wide_g || wide_b ? n : q.param_stride,
+                              Center ? q.mean_hi + r0 : nullptr,
+                              Center ? q.mean_lo + r0 : nullptr,
+                              q.rstd + r0,
+                              false};
+      forward_rows<Isa, float, Center>(fspec, fq, serial);
       for (Index r = 0; r < nr; ++r)
-        kernels::narrow_row_weighted<Isa>(buf.data() + r * n, w, y.data + (r0 + r) * n, n);
+        kernels::narrow_row_weighted<Isa>(bx + r * n, w, q.y + o + r * n, n);
     }
   });
 }
 
+// The pass of a whole-tensor forward (LayerNorm, RMSNorm, AdaNorm, the fused residual):
+// shared float parameters, saved statistics sized by prepare_saved.
+template <class T>
+NarrowPass<T> narrow_pass(const View<const T>& x, const View<T>& y, Index n, Index rows,
+                          const WideParams& wp, RowStats<float>& saved, bool center) {
+  NarrowPass<T> q{x.data, y.data, n, rows};
+  q.gamma = wp.gamma;
+  q.beta = wp.beta;
+  q.mean_hi = center ? saved.mean.data() : nullptr;
+  q.mean_lo = center ? saved.mean_lo.data() : nullptr;
+  q.rstd = saved.rstd.data();
+  return q;
+}
+
 // Forward for narrow T with parameters in P (float or T). cast_then_weight: RMSNorm's
-// LLaMA order, y = T(w * T(x * rstd)); otherwise y = T(the float op's y).
+// LLaMA order, y = T(w * T(x * rstd)); otherwise y = T(the float op's y). res: the fused
+// residual (s = T(alpha x + r), then y from the stored s).
 template <class Isa, class T, class P, bool Center>
 void forward_narrow(const RowNormSpec& spec, bool cast_then_weight, const View<const T>& x,
                     const Affine<P>& p, const View<T>& y, RowStats<float>& saved,
-                    const Exec& device) {
+                    const Exec& device, const Residual<T>* res = nullptr) {
   static_assert(is_narrow<T>::value, "forward_narrow: bfloat16 or half storage");
-  const std::string where = std::string(spec.op) + "::forward";
+  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
   check_forward(spec, where, x, p, y);
+  if (res) check_residual(where, x, y, p, *res);
 
   const Index n = x.inner(spec.k);
   const Index rows = x.outer(spec.k);
-  if (Center) {
-    if (saved.mean.size() != rows) saved.mean.resize(rows);
-    if (saved.mean_lo.size() != rows) saved.mean_lo.resize(rows);
-  } else {
-    saved.mean.resize(0);
-    saved.mean_lo.resize(0);
+  if (!prepare_saved<Center>(saved, rows, n)) return;
+  const WideParams wp = widen_params(p, n);
+  NarrowPass<T> q = narrow_pass(x, y, n, rows, wp, saved, Center);
+  if (res) {
+    q.r = res->r.data;
+    q.s = res->s.data;
+    q.alpha = static_cast<float>(res->alpha);
   }
-  if (saved.rstd.size() != rows) saved.rstd.resize(rows);
-  if (n == 0) {
-    for (Index r = 0; r < rows; ++r) {
-      saved.rstd(r) = static_cast<float>(kNaN);
-      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<float>(kNaN);
-    }
-    return;
-  }
-  if (rows == 0) return;
-
-  forward_narrow_rows<Isa, T, Center>(spec, cast_then_weight, x, y, widen_params(p, n), saved,
-                                      device);
+  forward_narrow_rows<Isa, T, Center>(spec, cast_then_weight, q, device);
 }
 
-// The rows of a checked backward call, parameters as float. want_param: sums receives
-// the parameter gradients in double (n of dy xhat, then for LayerNorm n of dy).
+// The rows of one checked narrow backward call on raw pointers, parameters as float
+// (gamma: shared, n of them). dx: nullptr when skipped. Fused residual (residual true):
+// the norm's dL/ds (g) is combined with ds (nullptr: 0) as the float engine does,
+// t = g + ds, and dx = T(alpha t) (dx: nullptr when skipped), dr = T(t) (likewise).
+template <class T>
+struct NarrowGradPass {
+  const T* dy;
+  const T* x;
+  T* dx;
+  Index n, rows;
+  const float* gamma;
+  const float* mean;
+  const float* mean_lo;
+  const float* rstd;
+  bool residual = false;
+  const T* ds = nullptr;
+  T* dr = nullptr;
+  float alpha = 1.0f;
+};
+
+// Backward over the rows of q in blocks. want_param: sums receives the parameter
+// gradients in double (n of dy xhat, then for a shifting spec n of dy): each block's float
+// sums, added in double in block order.
 template <class Isa, class T, bool Center>
-void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
-                          const WideParams& wp, const RowStats<float>& saved, const View<T>& dx,
-                          bool want_param, std::vector<double>& sums, const Exec& device) {
-  const Index n = x.inner(spec.k), rows = x.outer(spec.k);
-  const bool want_dx = dx.present;
+void backward_narrow_rows(const RowNormSpec& spec, const NarrowGradPass<T>& q, bool want_param,
+                          std::vector<double>& sums, const Exec& device) {
+  const Index n = q.n, rows = q.rows;
+  // Whether the norm's float pass computes its dx (g, for the residual).
+  const bool want_g = q.residual ? (q.dx || q.dr) : q.dx != nullptr;
   const Index block = narrow_block_rows(n);
   const Index blocks = (rows + block - 1) / block;
   // Parameter sums: chunks of consecutive blocks (a count from the block count only),
@@ -250,25 +338,40 @@ void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, cons
     float* bdy = buf.data();
     float* bx = buf.data() + block * n;
     for (Index b = first; b < last; ++b) {
-      const Index r0 = b * block, nr = std::min(block, rows - r0);
-      kernels::widen_row<Isa>(dy.data + r0 * n, bdy, nr * n);
-      kernels::widen_row<Isa>(x.data + r0 * n, bx, nr * n);
-      const RowGradPass<float> q{bdy,
-                                 bx,
-                                 want_dx ? bdy : nullptr,
-                                 n,
-                                 nr,
-                                 wp.gamma,
-                                 Center ? saved.mean.data() + r0 : nullptr,
-                                 Center ? saved.mean_lo.data() + r0 : nullptr,
-                                 saved.rstd.data() + r0,
-                                 want_param ? pg.data() : nullptr,
-                                 sum_b ? pg.data() + n : nullptr,
-                                 nr * n};
-      backward_pass<Isa, float, Center>(spec, q, serial);
-      if (want_dx)
-        for (Index r = 0; r < nr; ++r)
-          kernels::narrow_row<Isa>(bdy + r * n, dx.data + (r0 + r) * n, n);
+      const Index r0 = b * block, nr = std::min(block, rows - r0), o = r0 * n;
+      kernels::widen_row<Isa>(q.dy + o, bdy, nr * n);
+      kernels::widen_row<Isa>(q.x + o, bx, nr * n);
+      const RowGradPass<float> fq{bdy,
+                                  bx,
+                                  want_g ? bdy : nullptr,
+                                  n,
+                                  nr,
+                                  q.gamma,
+                                  Center ? q.mean + r0 : nullptr,
+                                  Center ? q.mean_lo + r0 : nullptr,
+                                  q.rstd + r0,
+                                  want_param ? pg.data() : nullptr,
+                                  sum_b ? pg.data() + n : nullptr,
+                                  nr * n};
+      backward_pass<Isa, float, Center>(spec, fq, serial);
+      if (q.residual && want_g) {
+        // t = g + ds (ds widened into x's scratch, free now), dr = t there, dx = alpha t
+        // over g: the float engine's residual_grad, on the same float values.
+        if (q.ds) kernels::widen_row<Isa>(q.ds + o, bx, nr * n);
+        with_bool(q.ds != nullptr, [&](auto Ds) {
+          with_bool(q.dx != nullptr, [&](auto Dx) {
+            with_bool(q.dr != nullptr, [&](auto Dr) {
+              constexpr bool kDs = decltype(Ds)::value, kDx = decltype(Dx)::value,
+                             kDr = decltype(Dr)::value;
+              kernels::residual_grad<Isa, float, kDs, kDx, kDr>(bdy, kDs ? bx : nullptr,
+                                                                kDx ? bdy : nullptr,
+                                                                kDr ? bx : nullptr, nr * n, q.alpha);
+            });
+          });
+        });
+        if (q.dr) kernels::narrow_row<Isa>(bx, q.dr + o, nr * n);
+      }
+      if (q.dx) kernels::narrow_row<Isa>(bdy, q.dx + o, nr * n);
       if (dg_acc)
         for (Index j = 0; j < n; ++j) dg_acc[j] += static_cast<double>(pg[static_cast<std::size_t>(j)]);
       if (db_acc)
@@ -300,9 +403,52 @@ void backward_narrow_rows(const RowNormSpec& spec, const View<const T>& dy, cons
   }
 }
 
+// The parameter gradients of a narrow backward (n of them, in P) from q's rows: the
+// double sums rounded to float, then to P; zeros when there are no rows. dgamma, dbeta:
+// nullptr when skipped. Also writes q's dx (and the residual's dx and dr).
+template <class Isa, class T, class P, bool Center>
+void backward_narrow_grads(const RowNormSpec& spec, const NarrowGradPass<T>& q, P* dgamma,
+                           P* dbeta, const Exec& device) {
+  const Index n = q.n;
+  const bool want_param = dgamma || dbeta;
+  const bool want_out = q.dx || (q.residual && q.dr);
+  if (q.rows == 0 || n == 0 || (!want_out && !want_param)) {
+    if (dgamma) std::fill(dgamma, dgamma + n, P(0.0f));
+    if (dbeta) std::fill(dbeta, dbeta + n, P(0.0f));
+    return;
+  }
+  std::vector<double> sums;  // n sums of dy xhat, then (shifting specs) n of dy
+  backward_narrow_rows<Isa, T, Center>(spec, q, want_param, sums, device);
+  if (!want_param) return;
+  for (Index j = 0; j < n; ++j) {
+    if (dgamma) dgamma[j] = P(static_cast<float>(sums[static_cast<std::size_t>(j)]));
+    if (dbeta && spec.shift) dbeta[j] = P(static_cast<float>(sums[static_cast<std::size_t>(n + j)]));
+  }
+}
+
+template <class T, bool Center>
+NarrowGradPass<T> narrow_grad_pass(const View<const T>& dy, const View<const T>& x,
+                                   const View<T>& dx, Index n, Index rows, const WideParams& wp,
+                                   const RowStats<float>& saved) {
+  return {dy.data,
+          x.data,
+          dx.present ? dx.data : nullptr,
+          n,
+          rows,
+          wp.gamma,
+          Center ? saved.mean.data() : nullptr,
+          Center ? saved.mean_lo.data() : nullptr,
+          saved.rstd.data()};
+}
+
+template <class P>
+P* data_or_null(const View<P>& v) {
+  return v.present ? v.data : nullptr;
+}
+
 // Backward for narrow T: dx = T(the float op's dx on the widened dy and x); dgamma and
 // dbeta (in P) from per-block float sums added in double in block order, then rounded
-// once to P.
+// once to float and to P.
 template <class Isa, class T, class P, bool Center>
 void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const View<const T>& x,
                      const Affine<P>& p, const RowStats<float>& saved, const View<T>& dx,
@@ -310,26 +456,36 @@ void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const Vie
   static_assert(is_narrow<T>::value, "backward_narrow: bfloat16 or half storage");
   const std::string where = std::string(spec.op) + "::backward";
   check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);
-  const Index n = x.inner(spec.k);
-  const Index rows = x.outer(spec.k);
-  const bool want_dx = dx.present, want_dg = dgamma.present, want_db = dbeta.present;
-  const bool want_param = want_dg || want_db;
-  if (rows == 0 || n == 0 || (!want_dx && !want_param)) {
-    if (want_dg) std::fill(dgamma.data, dgamma.data + n, P(0.0f));
-    if (want_db) std::fill(dbeta.data, dbeta.data + n, P(0.0f));
-    return;
-  }
+  const Index n = x.inner(spec.k), rows = x.outer(spec.k);
+  const WideParams wp = widen_params(p, n);
+  backward_narrow_grads<Isa, T, P, Center>(spec, narrow_grad_pass<T, Center>(dy, x, dx, n, rows, wp, saved),
+                                           data_or_null(dgamma), data_or_null(dbeta), device);
+}
 
-  std::vector<double> sums;  // n sums of dy xhat, then (LayerNorm) n of dy
-  const Index arrays = spec.shift ? 2 : 1;
-  backward_narrow_rows<Isa, T, Center>(spec, dy, x, widen_params(p, n), saved, dx, want_param,
-                                       sums, device);
-  if (!want_param) return;
-  for (Index j = 0; j < n; ++j) {
-    if (want_dg) dgamma.data[j] = P(static_cast<float>(sums[static_cast<std::size_t>(j)]));
-    if (want_db && arrays > 1)
-      dbeta.data[j] = P(static_cast<float>(sums[static_cast<std::size_t>(n + j)]));
-  }
+// The fused residual's backward for narrow T: t = ds + g computed in float by the float
+// engine on the widened ds, dy and s (g: the norm's dL/ds), dx = T(alpha t), dr = T(t),
+// bitwise the float op's rounded; dgamma and dbeta as backward_narrow. The checks and
+// their messages are the float op's: the residual's, then the norm's backward's with
+// dL/ds going to dx (or dr when dx is skipped).
+template <class Isa, class T, class P, bool Center>
+void backward_residual_narrow(const RowNormSpec& spec, const View<const T>& ds,
+                              const View<const T>& dy, const View<const T>& s, const Affine<P>& p,
+                              const RowStats<float>& saved, double alpha, const View<T>& dx,
+                              const View<T>& dr, const View<P>& dgamma, const View<P>& dbeta,
+                              const Exec& device) {
+  static_assert(is_narrow<T>::value, "backward_residual_narrow: bfloat16 or half storage");
+  check_residual_backward(spec, std::string(spec.op) + "::backward_residual", ds, dy, s, p, alpha,
+                          dx, dr, dgamma, dbeta);
+  check_backward<Center>(spec, std::string(spec.op) + "::backward", dy, s, p, saved,
+                         dx.present ? dx : dr, dgamma, dbeta);
+  const Index n = s.inner(spec.k), rows = s.outer(spec.k);
+  const WideParams wp = widen_params(p, n);
+  NarrowGradPass<T> q = narrow_grad_pass<T, Center>(dy, s, dx, n, rows, wp, saved);
+  q.residual = true;
+  q.ds = ds.present ? ds.data : nullptr;
+  q.dr = data_or_null(dr);
+  q.alpha = static_cast<float>(alpha);
+  backward_narrow_grads<Isa, T, P, Center>(spec, q, data_or_null(dgamma), data_or_null(dbeta), device);
 }
 
 }  // namespace detail

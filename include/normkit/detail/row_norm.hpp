@@ -501,30 +501,30 @@ void check_forward(const RowNormSpec& spec, const std::string& where, const View
     fail(where, "y", "memory disjoint from gamma and beta", "an overlap");
 }
 
-template <class Isa, class T, bool Center>
-void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
-             const View<T>& y, RowStats<T>& saved, const Exec& device,
-             const Residual<T>* res = nullptr) {
-  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
-  check_forward(spec, where, x, p, y);
-  if (res) {
-    // s may be x or r itself (in place); y may be x or r, but not s (both are returned).
-    if (!same_dims(res->r, x)) fail(where, "r", "dims " + x.str() + " (those of x)", res->r.str());
-    require_data(where, "r", res->r);
-    if (!same_dims(res->s, x)) fail(where, "s", "dims " + x.str() + " (those of x)", res->s.str());
-    require_data(where, "s", res->s);
-    if (!std::isfinite(res->alpha))
-      fail(where, "alpha", "a finite value", std::to_string(res->alpha));
-    if (partial_overlap(y, res->r)) fail(where, "y", "r itself or memory disjoint from r", "a partial overlap");
-    if (partial_overlap(res->s, x) || partial_overlap(res->s, res->r))
-      fail(where, "s", "x itself, r itself, or memory disjoint from both", "a partial overlap");
-    if (any_overlap(res->s, y)) fail(where, "s", "memory disjoint from y", "an overlap");
-    if (any_overlap(res->s, p.gamma) || any_overlap(res->s, p.beta))
-      fail(where, "s", "memory disjoint from gamma and beta", "an overlap");
-  }
+// The checks of a fused residual forward beyond check_forward's (r, s, alpha, and how
+// s may alias x, r, y and the parameters), before any write. P: T, or float for narrow
+// storage.
+template <class T, class P>
+void check_residual(const std::string& where, const View<const T>& x, const View<T>& y,
+                    const Affine<P>& p, const Residual<T>& res) {
+  // s may be x or r itself (in place); y may be x or r, but not s (both are returned).
+  if (!same_dims(res.r, x)) fail(where, "r", "dims " + x.str() + " (those of x)", res.r.str());
+  require_data(where, "r", res.r);
+  if (!same_dims(res.s, x)) fail(where, "s", "dims " + x.str() + " (those of x)", res.s.str());
+  require_data(where, "s", res.s);
+  if (!std::isfinite(res.alpha)) fail(where, "alpha", "a finite value", std::to_string(res.alpha));
+  if (partial_overlap(y, res.r)) fail(where, "y", "r itself or memory disjoint from r", "a partial overlap");
+  if (partial_overlap(res.s, x) || partial_overlap(res.s, res.r))
+    fail(where, "s", "x itself, r itself, or memory disjoint from both", "a partial overlap");
+  if (any_overlap(res.s, y)) fail(where, "s", "memory disjoint from y", "an overlap");
+  if (any_overlap(res.s, p.gamma) || any_overlap(res.s, p.beta))
+    fail(where, "s", "memory disjoint from gamma and beta", "an overlap");
+}
 
-  const Index n = x.inner(spec.k);
-  const Index rows = x.outer(spec.k);
+// Sizes forward's saved statistics for `rows` rows (mean and mean_lo empty when not
+// centring); rows of no elements get NaN statistics. Returns whether any row has work.
+template <bool Center, class S>
+bool prepare_saved(RowStats<S>& saved, Index rows, Index n) {
   if (Center) {
     if (saved.mean.size() != rows) saved.mean.resize(rows);
     if (saved.mean_lo.size() != rows) saved.mean_lo.resize(rows);
@@ -535,12 +535,25 @@ void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p
   if (saved.rstd.size() != rows) saved.rstd.resize(rows);
   if (n == 0) {  // empty rows: statistics of nothing are undefined
     for (Index r = 0; r < rows; ++r) {
-      saved.rstd(r) = static_cast<T>(kNaN);
-      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<T>(kNaN);
+      saved.rstd(r) = static_cast<S>(kNaN);
+      if (Center) saved.mean(r) = saved.mean_lo(r) = static_cast<S>(kNaN);
     }
-    return;
+    return false;
   }
-  if (rows == 0) return;
+  return rows > 0;
+}
+
+template <class Isa, class T, bool Center>
+void forward(const RowNormSpec& spec, const View<const T>& x, const Affine<T>& p,
+             const View<T>& y, RowStats<T>& saved, const Exec& device,
+             const Residual<T>* res = nullptr) {
+  const std::string where = std::string(spec.op) + (res ? "::forward_residual" : "::forward");
+  check_forward(spec, where, x, p, y);
+  if (res) check_residual(where, x, y, p, *res);
+
+  const Index n = x.inner(spec.k);
+  const Index rows = x.outer(spec.k);
+  if (!prepare_saved<Center>(saved, rows, n)) return;
 
   const RowPass<T> q{x.data, y.data, n, rows, p.gamma.data, p.beta.data, 0,
                      Center ? saved.mean.data() : nullptr, Center ? saved.mean_lo.data() : nullptr,
@@ -782,17 +795,15 @@ void backward(const RowNormSpec& spec, const View<const T>& dy, const View<const
   backward_pass<Isa, T, Center>(spec, q, device);
 }
 
-// Fused residual, backward: s = alpha x + r fed y = norm(s) and the residual stream, so
-// the gradient reaching s is t = g + ds, g = norm's backward at s (dy), ds = dL/ds from
-// downstream (normkit::skip: 0, as in a post-norm block where only y is used). Then
-// dx = alpha t and dr = t. Two passes: the norm's backward writes g into dx (or dr, or a
-// temporary when dr is ds itself and dx is skipped), then residual_grad combines.
-template <class Isa, class T, bool Center>
-void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const View<const T>& dy,
-                       const View<const T>& s, const Affine<T>& p, const RowStats<T>& saved,
-                       double alpha, const View<T>& dx, const View<T>& dr, const View<T>& dgamma,
-                       const View<T>& dbeta, const Exec& device) {
-  const std::string where = std::string(spec.op) + "::backward_residual";
+// The checks of a fused residual backward beyond the norm's backward's (ds, dr, dx's
+// dims, alpha, and the aliasing rules of the three gradients), before any write. P: T, or
+// float for narrow storage.
+template <class T, class P>
+void check_residual_backward(const RowNormSpec& spec, const std::string& where,
+                             const View<const T>& ds,
+                             const View<const T>& dy, const View<const T>& s, const Affine<P>& p,
+                             double alpha, const View<T>& dx, const View<T>& dr,
+                             const View<P>& dgamma, const View<P>& dbeta) {
   check_x(spec, where, "s", s);
   if (ds.present && !same_dims(ds, s)) fail(where, "ds", "dims " + s.str() + " (those of s)", ds.str());
   require_data(where, "ds", ds);
@@ -808,6 +819,20 @@ void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const V
     fail(where, "dr", "memory disjoint from dy, s, the parameters and their gradients", "an overlap");
   if (any_overlap(ds, dgamma) || any_overlap(ds, dbeta))
     fail(where, "ds", "memory disjoint from dgamma and dbeta", "an overlap");
+}
+
+// Fused residual, backward: s = alpha x + r fed y = norm(s) and the residual stream, so
+// the gradient reaching s is t = g + ds, g = norm's backward at s (dy), ds = dL/ds from
+// downstream (normkit::skip: 0, as in a post-norm block where only y is used). Then
+// dx = alpha t and dr = t. Two passes: the norm's backward writes g into dx (or dr, or a
+// temporary when dr is ds itself and dx is skipped), then residual_grad combines.
+template <class Isa, class T, bool Center>
+void backward_residual(const RowNormSpec& spec, const View<const T>& ds, const View<const T>& dy,
+                       const View<const T>& s, const Affine<T>& p, const RowStats<T>& saved,
+                       double alpha, const View<T>& dx, const View<T>& dr, const View<T>& dgamma,
+                       const View<T>& dbeta, const Exec& device) {
+  const std::string where = std::string(spec.op) + "::backward_residual";
+  check_residual_backward(spec, where, ds, dy, s, p, alpha, dx, dr, dgamma, dbeta);
   // The norm's backward checks dy, s, params, saved, dx, dgamma and dbeta (before any
   // write, since the target is dx or dr or a temporary).
   const bool want = dx.present || dr.present;
