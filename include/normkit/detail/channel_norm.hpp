@@ -1004,14 +1004,15 @@ struct ParamGrads {
   bool any() const { return dgamma || dbeta; }
 };
 
-// dgamma, dbeta (each optional) = T(the double sums).
+// dgamma, dbeta (each optional, each with its own sums: dg is empty when dgamma is not
+// wanted, db when dbeta is not) = T(the double sums).
 template <class T>
 void write_param_grads(const View<T>& dgamma, const View<T>& dbeta, const std::vector<double>& dg,
                        const std::vector<double>& db) {
-  for (std::size_t c = 0; c < dg.size(); ++c) {
-    if (dgamma.present) dgamma.data[c] = static_cast<T>(dg[c]);
-    if (dbeta.present) dbeta.data[c] = static_cast<T>(db[c]);
-  }
+  if (dgamma.present)
+    for (std::size_t c = 0; c < dg.size(); ++c) dgamma.data[c] = static_cast<T>(dg[c]);
+  if (dbeta.present)
+    for (std::size_t c = 0; c < db.size(); ++c) dbeta.data[c] = static_cast<T>(db[c]);
 }
 
 // Per-channel statistics (BatchNorm; evaluation of BatchNorm and InstanceNorm).
