@@ -8,9 +8,10 @@
 #   normkit.package.consumer   tests/package/consumer: find_package(normkit CONFIG REQUIRED)
 #                              through CMAKE_PREFIX_PATH, build, run
 #   normkit.package.examples   examples/ as a project of its own against the installed
-#                              package: configure, build and run transformer_block (one
-#                              example: the in-tree build compiles and runs them all, and
-#                              each example compiles three backends with dispatch)
+#                              package: configure, build and run unet_group_norm (one
+#                              example, the quickest to compile: the in-tree build
+#                              compiles and runs them all, and each example compiles its
+#                              engines for three backends with dispatch)
 #   normkit.package.subdir     tests/package/consumer with normkit added by add_subdirectory:
 #                              only the normkit target may appear (checked at configure), run
 #
@@ -67,8 +68,8 @@ if(NORMKIT_TEST_PACKAGE)
             "${PROJECT_SOURCE_DIR}/examples" "${_nk_pkg}/examples"
             ${_nk_build_options}
             "-DCMAKE_PREFIX_PATH=${_nk_prefix}" "-DNORMKIT_WERROR=${NORMKIT_WERROR}"
-            --build-target transformer_block
-            --test-command transformer_block)
+            --build-target unet_group_norm
+            --test-command unet_group_norm)
 
   add_test(NAME normkit.package.subdir
     COMMAND ${_nk_build_and_test}
