@@ -13,7 +13,9 @@
 #                              compiles and runs them all, and each example compiles its
 #                              engines for three backends with dispatch)
 #   normkit.package.subdir     tests/package/consumer with normkit added by add_subdirectory:
-#                              only the normkit target may appear (checked at configure), run
+#                              only the normkit target may appear (checked at configure), run;
+#                              built as CMake's Debug (-O0), as a user's debug build (it
+#                              found that runtime dispatch crashed at -O0; config.hpp)
 #
 # ctest pulls in the clean/configure/install steps (fixtures) for any of these it runs.
 option(NORMKIT_TEST_PACKAGE "Test installing normkit and using it from other projects" ON)
@@ -76,6 +78,7 @@ if(NORMKIT_TEST_PACKAGE)
             "${CMAKE_CURRENT_LIST_DIR}/consumer" "${_nk_pkg}/consumer-subdir"
             ${_nk_build_options}
             "-DNORMKIT_SUBDIR=${PROJECT_SOURCE_DIR}" "-DCONSUMER_WERROR=${NORMKIT_WERROR}"
+            -DCMAKE_BUILD_TYPE=Debug
             --test-command normkit_consumer)
 
   # Order: clean, then configure, then install; the consumers after whichever they use.

@@ -51,9 +51,13 @@
 // per process (simd::Dynamic, dispatch.hpp). NORMKIT_NO_DISPATCH turns it off: the
 // compile-time selection alone. Not with clang: its flatten attribute (clang 14) inlines
 // one level of calls only, so the kernels' own calls to a backend's functions would stay
-// calls; clang builds select at compile time.
+// calls; clang builds select at compile time. Nor in unoptimized builds (-O0: no
+// __OPTIMIZE__, as CMake's Debug): g++ inlines nothing there, flatten included, so the
+// generic kernels, compiled for the build's target, would call the backends' functions
+// across the target boundary, passing vectors in an ABI the callee does not use (a
+// crash, found by the package test's -O0 build); they select at compile time.
 #if defined(NORMKIT_ARCH_X86) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(NORMKIT_NO_DISPATCH) && NORMKIT_ISA < NORMKIT_MAX_ISA
+    defined(__OPTIMIZE__) && !defined(NORMKIT_NO_DISPATCH) && NORMKIT_ISA < NORMKIT_MAX_ISA
 #define NORMKIT_DISPATCH 1
 #endif
 
