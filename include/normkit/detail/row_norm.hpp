@@ -108,6 +108,23 @@ inline Index prefetch_ahead_rows(Index row_bytes) {
 // among 1, 2, 4 and 8 KB for backward's first pass).
 constexpr Index kStreamAheadBytes = 4096;
 
+// Whether rows row_bytes apart, walked four in step (backward's second pass), map to
+// the same L1 sets: an L1 of 4 KB per way (32 KB 8-way: Zen 3, most Intel cores) sets
+// by address bits 6-11, so rows whose distance is within 256 bytes of a multiple of
+// 4 KB (hardware prefetch pulls neighbouring lines) collide, and four rows of x and dy,
+// with gamma and the dgamma/dbeta accumulators, want more ways than a set has. At 4096
+// and 8192 features (16 and 32 KB rows) the four-row pass ran at 0.11-0.15 of the
+// roofline on Zen 3, one row at a time at 0.45-0.55 (bench_layer_norm, 2026-12-02).
+// Then rows go one at a time: the grouping depends on n only, so results still do not
+// depend on the thread count.
+inline bool rows_alias_in_l1(Index row_bytes) {
+  for (Index d = 1; d < 4; ++d) {
+    const Index m = (d * row_bytes) % 4096;  // rows nearer than 4 KB are neighbours, not rivals
+    if (d * row_bytes >= 4096 - 256 && std::min(m, 4096 - m) < 256) return true;
+  }
+  return false;
+}
+
 // The statistics pass of a long row prefetches its own row kStreamAheadBytes ahead into
 // L1 (the row itself is mostly in L2 already, from the previous row's normalize pass):
 // 0.63 -> 0.75 of the roofline at 8192 features, 0.71 -> 0.77 at 4096. Shorter rows: none.
@@ -621,8 +638,10 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
 
   const T* gamma = q.gamma;
   const bool stream = want_dx && stream_output<T>(q.total);
-  // Streaming four dx rows in step needs them to share their alignment.
-  const bool group_rows = !stream || (n * static_cast<Index>(sizeof(T))) % 64 == 0;
+  // Streaming four dx rows in step needs them to share their alignment; and the four
+  // rows must not fall in the same L1 sets (rows_alias_in_l1).
+  const bool group_rows = (!stream || (n * static_cast<Index>(sizeof(T))) % 64 == 0) &&
+                          !rows_alias_in_l1(n * static_cast<Index>(sizeof(T)));
   const double dn = static_cast<double>(n);
   const Index chunks = want_param ? reduce_chunks(rows) : 0;
   // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
