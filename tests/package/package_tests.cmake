@@ -6,7 +6,8 @@
 #   normkit.package.configure  configure normkit alone (tests, benches, examples off)...
 #   normkit.package.install    ...and cmake --install it into <build>/tests/package/prefix
 #   normkit.package.consumer   tests/package/consumer: find_package(normkit CONFIG REQUIRED)
-#                              through CMAKE_PREFIX_PATH, build, run
+#                              through CMAKE_PREFIX_PATH, build (Debug: package.examples
+#                              builds the installed package at the build type's -O3), run
 #   normkit.package.examples   examples/ as a project of its own against the installed
 #                              package: configure, build and run unet_group_norm (one
 #                              example, the quickest to compile: the in-tree build
@@ -62,7 +63,7 @@ if(NORMKIT_TEST_PACKAGE)
             "${CMAKE_CURRENT_LIST_DIR}/consumer" "${_nk_pkg}/consumer-installed"
             ${_nk_build_options}
             "-DCMAKE_PREFIX_PATH=${_nk_prefix}" "-DNORMKIT_EXPECTED_PREFIX=${_nk_prefix}"
-            "-DCONSUMER_WERROR=${NORMKIT_WERROR}"
+            "-DCONSUMER_WERROR=${NORMKIT_WERROR}" -DCMAKE_BUILD_TYPE=Debug
             --test-command normkit_consumer)
 
   add_test(NAME normkit.package.examples

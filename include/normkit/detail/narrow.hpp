@@ -120,8 +120,12 @@ inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index
 
 // Rows per block: about 32 KB of float scratch per array (L1), at least one row. From n
 // only, so that backward's per-block parameter sums, added in block order, do not depend
-// on the thread count.
-constexpr Index kNarrowBlockElems = 8192;
+// on the thread count. NORMKIT_NARROW_BLOCK_ELEMS overrides the size (the aarch64 test
+// suite makes it smaller, so that its multi-block tests need less data under qemu).
+#ifndef NORMKIT_NARROW_BLOCK_ELEMS
+#define NORMKIT_NARROW_BLOCK_ELEMS 8192
+#endif
+constexpr Index kNarrowBlockElems = NORMKIT_NARROW_BLOCK_ELEMS;
 inline Index narrow_block_rows(Index n) { return std::max<Index>(1, kNarrowBlockElems / std::max<Index>(n, 1)); }
 
 // Parameters as float: the caller's float arrays, or T's widened into owned copies.
