@@ -42,17 +42,24 @@ struct Prefetch {
   const char* p = nullptr;
   std::size_t bytes = 0;
   bool to_l2 = false;
+  // The range is walked 2^rate times as fast as the caller's offsets advance.
+  int rate = 0;
   Prefetch() = default;
   template <class T>
-  Prefetch(const T* q, Index n, bool l2 = false)
+  Prefetch(const T* q, Index n, bool l2 = false, int log2_rate = 0)
       : p(reinterpret_cast<const char*>(q)),
         bytes(q ? static_cast<std::size_t>(n) * sizeof(T) : 0),
-        to_l2(l2) {}
-  // The lines of [off, off + step) bytes, each once.
+        to_l2(l2),
+        rate(log2_rate) {}
+  // The lines of [off, off + step) bytes (scaled by 2^rate), each once.
   template <std::size_t Step>
   void at(std::size_t off) const {
     if (!p) return;
-    if (Step < 64) {
+    if (rate != 0) {
+      const std::size_t lo = rate > 0 ? off << rate : off >> -rate;
+      const std::size_t hi = rate > 0 ? (off + Step) << rate : (off + Step) >> -rate;
+      for (std::size_t a = (lo + 63) / 64 * 64; a < hi && a < bytes; a += 64) line(a);
+    } else if (Step < 64) {
       if (off % 64 < Step && off < bytes) line(off);
     } else {
       for (std::size_t o = 0; o < Step; o += 64)
@@ -495,6 +502,8 @@ inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
 // accumulators: at 4096 features those are 64 KiB each, beyond L1, and the traffic to
 // them was the bound (16 bytes of accumulator per 4-byte element and row). The pairwise
 // sum of 4 adds at most 2 roundings of T to each term. dx may be dy or x (in place).
+// next_dy, next_x: prefetched as the rows are walked (at their own rate: a share of the
+// next rows, whose first pass follows), so that memory stays busy while this runs from cache.
 // Stream (non-temporal dx stores) requires every dx row to share its alignment.
 template <class T, int R>
 struct RowsArgs {
@@ -518,7 +527,7 @@ V pairwise(V* v, Add add) {
 template <class Isa, class T, int R, bool Center, ScaleKind S, bool WantDx, bool WantDg,
           bool WantDb, bool Stream>
 inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, double* dgamma_acc,
-                          double* dbeta_acc) {
+                          double* dbeta_acc, Prefetch next_dy = {}, Prefetch next_x = {}) {
   static_assert(R == 1 || R == 2 || R == 4, "backward_rows: R must be 1, 2 or 4");
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
@@ -567,6 +576,8 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
   // default -ffp-contract=fast (GNU modes) may fuse them in one instantiation and not in
   // another, so that, say, dgamma alone and dgamma with dx would differ in the last bit.
   for (; i + W <= n; i += W) {
+    next_dy.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    next_x.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     VT pg[R], pb[R];
     VT gm{};
     if (WantDx && S != ScaleKind::None) gm = scale(gamma + i);

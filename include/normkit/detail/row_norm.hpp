@@ -666,7 +666,18 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
           } else {
             // Rows go through the second pass four at a time (see backward_rows), the
             // remainder one at a time; the grouping depends on the row range only.
-            auto prepare = [&](auto& args, int j, Index r) {
+            // Memory. The rows of a group (four rows, or one) are read twice: by the first
+            // pass (backward_sums, row by row) and the second (backward_rows, the group in
+            // step). Both passes prefetch the next group into L2, half of it each (the first
+            // pass at half its own pace, the second at k/2 times its pace), so that memory
+            // stays busy throughout while both passes read the current group from cache.
+            auto next_part = [&](const T* base, Index g0, Index k, Index off, Index len, int rate) {
+              const Index lo = std::min((g0 + k) * n + off, rows * n);
+              const Index hi = std::min(lo + len, rows * n);
+              return kernels::Prefetch(base + lo, hi - lo, true, rate);
+            };
+            auto prepare = [&](auto& args, int j, Index g0, Index k) {
+              const Index r = g0 + j;
               const T* dyr = q.dy + r * n;
               const T* xr = q.x + r * n;
               args.dy[j] = dyr;
@@ -676,15 +687,10 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
               args.a[j] = args.b[j] = T(0);
               if (kDx) {
                 double sum_g = 0.0, sum_gx = 0.0;
-                // dy and x are read here from memory, and again from cache by
-                // backward_rows: fetched kStreamAheadBytes ahead (on into the next rows),
-                // the two streams keep more lines in flight than the hardware prefetcher
-                // alone (0.55 -> 0.66 of the roofline, LayerNorm at 4096 and 8192 features).
-                const Index ahead = std::min(kStreamAheadBytes / static_cast<Index>(sizeof(T)), (rows - r) * n);
-                const Index left = (rows - r) * n - ahead;
+                const Index half = n / 2, off = j * half;
                 kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx,
-                                                       kernels::Prefetch(dyr + ahead, left),
-                                                       kernels::Prefetch(xr + ahead, left));
+                                                       next_part(q.dy, g0, k, off, half, -1),
+                                                       next_part(q.x, g0, k, off, half, -1));
                 double mean_gx = sum_gx / dn;
                 if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(args.ra[j].rstd);
                 args.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
@@ -693,19 +699,26 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
             };
             auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc) {
               Index r = r0;
+              // The second pass's share of the next group (of k rows): the part the first
+              // pass does not prefetch, all of it without a first pass.
+              const Index first = kDx ? n / 2 : 0;
+              auto second = [&](const T* base, Index g0, Index k) {
+                const int rate = (k == 4 ? 2 : 0) - (first ? 1 : 0);  // log2 of k (n - first) / n
+                return next_part(base, g0, k, k * first, k * (n - first), rate);
+              };
               if (group_rows) {
                 for (; r + 4 <= r1; r += 4) {
                   kernels::RowsArgs<T, 4> args;
-                  for (int j = 0; j < 4; ++j) prepare(args, j, r + j);
+                  for (int j = 0; j < 4; ++j) prepare(args, j, r, 4);
                   kernels::backward_rows<Isa, T, 4, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                      args, gamma, n, dg_acc, db_acc);
+                      args, gamma, n, dg_acc, db_acc, second(q.dy, r, 4), second(q.x, r, 4));
                 }
               }
               for (; r < r1; ++r) {
                 kernels::RowsArgs<T, 1> args;
-                prepare(args, 0, r);
+                prepare(args, 0, r, 1);
                 kernels::backward_rows<Isa, T, 1, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                    args, gamma, n, dg_acc, db_acc);
+                    args, gamma, n, dg_acc, db_acc, second(q.dy, r, 1), second(q.x, r, 1));
               }
               if (kSt) Isa::fence();
             };
