@@ -16,7 +16,8 @@
 //     backward also dx, dgamma, dbeta; every element, against the tolerances below;
 //  2. for a 1-thread benchmark, that oneDNN ran on the calling thread alone: the other
 //     threads of the process took at most 5% of its CPU time while the primitive ran
-//     repeatedly (measure_thread_use). 2-thread benchmarks report the share (~50%).
+//     repeatedly (measure_thread_use; measured up to 4 times, the last one counts).
+//     2-thread benchmarks report the share (~50%).
 //
 // Tolerances (max |oneDNN - normkit| over every element). With eps_f = FLT_EPSILON
 // (1.19e-7), K = 4 (a safety factor), n the number of elements per statistic (features
@@ -46,8 +47,10 @@
 #pragma once
 
 #include <cfloat>
+#include <chrono>
 #include <exception>
 #include <optional>
+#include <thread>
 
 #include "bench_common.hpp"
 #include "onednn.hpp"
@@ -266,7 +269,16 @@ inline std::string prepare(State& st) {
                                           ref_dgamma, ref_dbeta, *st.norm);
 
   // Threads.
-  const ThreadUse use = measure_thread_use([&st] { st.run(); }, 0.05);
+  // A 1-thread run measured above the limit is measured again (up to 3 times, 50 ms
+  // apart): OpenMP workers left from an earlier multi-threaded benchmark may still be
+  // spinning (OMP_WAIT_POLICY unset), which is not this primitive's work; a primitive
+  // that does use a second thread shows ~50% every time.
+  ThreadUse use = measure_thread_use([&st] { st.run(); }, 0.05);
+  for (int retry = 0; st.meta.threads == 1 && !(use.helper_share <= kMaxHelperShare) && retry < 3;
+       ++retry) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    use = measure_thread_use([&st] { st.run(); }, 0.05);
+  }
 
   std::string detail;
   bool ok = true;

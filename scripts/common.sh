@@ -8,6 +8,10 @@ NORMKIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A step heading with the seconds since the script started.
 log() { printf '\n==> [%4ds] %s\n' "$SECONDS" "$*"; }
 
+# ctest_passed LOG: the number of tests of a ctest run that passed them all ("100% tests
+# passed, 0 tests failed out of N" in LOG), or nothing.
+ctest_passed() { sed -n 's/^100% tests passed, 0 tests failed out of \([0-9][0-9]*\)$/\1/p' "$1"; }
+
 is_installed() {
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
 }

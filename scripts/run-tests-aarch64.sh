@@ -45,7 +45,7 @@ done
 log "$step: ctest (qemu-aarch64)"
 log_file="$build/ctest.log"
 (cd "$build" && ctest --output-on-failure --no-tests=error -j "$jobs") 2>&1 | tee "$log_file"
-passed="$(sed -n 's/^100% tests passed, 0 tests failed out of \([0-9][0-9]*\)$/\1/p' "$log_file")"
+passed="$(ctest_passed "$log_file")"
 
 step="summary"
 log "run-tests-aarch64: passed in ${SECONDS}s"

@@ -37,7 +37,7 @@ mkdir -p build
 ctest_in() {
   local log="$1/ctest.log"
   (cd "$1" && ctest --output-on-failure --no-tests=error -j "$jobs") 2>&1 | tee "$log"
-  sed -n 's/^100% tests passed, 0 tests failed out of \([0-9][0-9]*\)$/\1/p' "$log" >"$1/ctest.passed"
+  ctest_passed "$log" >"$1/ctest.passed"
 }
 
 stage_release() {

@@ -4,8 +4,14 @@
 
 #define EIGEN_USE_THREADS
 #include <catch2/catch.hpp>
-// The engines are compiled once, in tests/engines_*.cpp (normkit/extern_templates.hpp).
+// The engines are compiled once, in tests/engines_*.cpp (normkit/extern_templates.hpp);
+// a binary of one test file (NORMKIT_TEST_OWN_ENGINES: normkit_tests_avx512bf16) compiles
+// those it uses itself.
+#ifdef NORMKIT_TEST_OWN_ENGINES
+#include <normkit/normkit.hpp>
+#else
 #include <normkit/extern_templates.hpp>
+#endif
 
 #include <algorithm>
 #include <array>

@@ -9,8 +9,8 @@
 // float op on the widened inputs, rounded once; its statistics are saved in float, and
 // backward is as accurate as float's. The fused residual rounds s = alpha x + r to T,
 // stores it, and normalizes the stored s (so y equals add-then-norm in T, and backward,
-// which sees only the stored s, matches forward). x^2 is never formed in the narrow type: half's max
-// is 65504, and 300^2 already overflows it.
+// which sees only the stored s, matches forward). x^2 is never formed in the narrow type: half's
+// max is 65504, and 300^2 already overflows it.
 //
 // The conversions: kernels::widen_row / narrow_row, a packet at a time through the
 // backend's Narrow (avx2.hpp, avx512.hpp) where it has one, Eigen's scalar conversions
@@ -116,6 +116,74 @@ inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index
   for (; i < n; ++i) dst[i] = T(static_cast<float>(T(xhat[i])) * w[i]);
 }
 
+// Packets of narrow storage through Isa::Narrow, by T.
+template <class Isa, class T>
+struct NarrowIo {
+  using N = typename Isa::Narrow;
+  using V = typename Isa::template Pack<float>::V;
+  static V load(const T* p) {
+    const auto* q = reinterpret_cast<const std::uint16_t*>(p);
+    if constexpr (std::is_same<T, Eigen::bfloat16>::value)
+      return N::widen_bf16(q);
+    else
+      return N::widen_half(q);
+  }
+  // Stream: a non-temporal store (p aligned to the packet's W elements of T).
+  template <bool Stream = false>
+  static void store(T* p, const V& v) {
+    auto* q = reinterpret_cast<std::uint16_t*>(p);
+    if constexpr (std::is_same<T, Eigen::bfloat16>::value)
+      N::template narrow_bf16<Stream>(q, v);
+    else
+      N::template narrow_half<Stream>(q, v);
+  }
+};
+
+// The float-tree sums of a narrow row (kernels::tree_sums on its widened elements): the
+// same bits as blocked_sums / blocked_sum_squares over the row widened into floats.
+template <class Isa, class T, bool Center>
+inline void narrow_tree_sums(const T* x, Index n, float shift, double& s, double& s2, Prefetch pf) {
+  tree_sums<Isa, float, Center>(
+      n, shift, [x](Index i) { return NarrowIo<Isa, T>::load(x + i); },
+      [x](Index i) { return static_cast<float>(x[i]); }, s, s2, pf);
+}
+
+// y = T(normalize's float y) for a narrow row, x widened and y rounded a packet at a time:
+// the same bits as normalize over the widened row, then narrow_row. w (RMSNorm's LLaMA
+// order, the op without scale): y = T(float(T(xhat)) * w) as narrow_row_weighted.
+// Stream: non-temporal stores, after a scalar head that aligns y. pf: a later row,
+// fetched into L2 as normalize does.
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
+inline void normalize_narrow(const T* x, T* y, Index n, const RowAffine<float>& r,
+                             const float* gamma, const float* beta, const float* w, Prefetch pf) {
+  using P = typename Isa::template Pack<float>;
+  using IO = NarrowIo<Isa, T>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const NormAffine<Isa, float, Center, S, Shift> op(r, gamma, beta);
+  auto scalar_at = [&](Index i) {
+    const float v = op.scalar(static_cast<float>(x[i]), i);
+    y[i] = w ? T(static_cast<float>(T(v)) * w[i]) : T(v);
+  };
+  Index i = 0;
+  if (Stream) {
+    constexpr std::uintptr_t align = W * sizeof(T);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0; ++i) scalar_at(i);
+  }
+  for (; i + W <= n; i += W) {
+    pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    const typename P::V v = op(IO::load(x + i), i);
+    if (w) {
+      // The inner rounding through a packet of T on the stack (y may be streamed).
+      T t[W];
+      IO::store(t, v);
+      IO::template store<Stream>(y + i, P::mul(IO::load(t), P::load(w + i)));
+    } else {
+      IO::template store<Stream>(y + i, v);
+    }
+  }
+  for (; i < n; ++i) scalar_at(i);
+}
+
 }  // namespace kernels
 
 // Rows per block: about 32 KB of float scratch per array (L1), at least one row. From n
@@ -126,7 +194,9 @@ inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index
 #define NORMKIT_NARROW_BLOCK_ELEMS 8192
 #endif
 constexpr Index kNarrowBlockElems = NORMKIT_NARROW_BLOCK_ELEMS;
-inline Index narrow_block_rows(Index n) { return std::max<Index>(1, kNarrowBlockElems / std::max<Index>(n, 1)); }
+inline Index narrow_block_rows(Index n) {
+  return std::max<Index>(1, kNarrowBlockElems / std::max<Index>(n, 1));
+}
 
 // Parameters as float: the caller's float arrays, or T's widened into owned copies.
 struct WideParams {
@@ -146,7 +216,8 @@ WideParams widen_params(const Affine<P>& p, Index count) {
     auto widen = [count](const View<const P>& v, std::vector<float>& out) -> const float* {
       if (!v.present) return nullptr;
       out.resize(static_cast<std::size_t>(count));
-      for (Index i = 0; i < count; ++i) out[static_cast<std::size_t>(i)] = static_cast<float>(v.data[i]);
+      for (Index i = 0; i < count; ++i)
+        out[static_cast<std::size_t>(i)] = static_cast<float>(v.data[i]);
       return out.data();
     };
     w.gamma = widen(p.gamma, w.own_g);
@@ -209,15 +280,27 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const N
   const double bytes = static_cast<double>(block * n * arrays * static_cast<Index>(sizeof(T)));
   const Eigen::TensorOpCost cost(bytes, bytes, 6.0 * static_cast<double>(block * n * arrays));
   const Exec serial;
+  // Fused rows (plain LayerNorm and RMSNorm with float parameters, on a backend with
+  // narrow packets): x widened into the statistics' trees and into the normalize pass,
+  // y rounded as it is stored, no scratch: the same bits as the staged path, which still
+  // takes the rows whose statistics the trees cannot give (kernels::blocked_sums_trusted)
+  // and the special ones (var + eps == 0, an infinite rstd).
+  const bool fused = !residual && !wide_g && !wide_b && !spec.ada && has_narrow_packets<Isa>::value;
+  // Fused rows stream y when the whole output is larger than the caches (as the float
+  // engine's y; the staged path writes y from L1 with ordinary stores).
+  const bool stream = fused && stream_output<T>(rows * n);
   parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
-    std::vector<float> buf(static_cast<std::size_t>(arrays * block * n));
-    float* bx = buf.data();
-    float* next = bx + block * n;
-    float* br = residual ? std::exchange(next, next + block * n) : nullptr;
-    float* bg = wide_g ? std::exchange(next, next + block * n) : nullptr;
-    float* bb = wide_b ? next : nullptr;
-    for (Index b = b0; b < b1; ++b) {
-      const Index r0 = b * block, nr = std::min(block, rows - r0), o = r0 * n;
+    std::vector<float> buf;
+    // The staged path: rows [r0, r0 + nr) widened into the scratch, normalized there by
+    // the float engine, rounded into y.
+    auto staged = [&](Index r0, Index nr) {
+      if (buf.empty()) buf.resize(static_cast<std::size_t>(arrays * block * n));
+      float* bx = buf.data();
+      float* next = bx + block * n;
+      float* br = residual ? std::exchange(next, next + block * n) : nullptr;
+      float* bg = wide_g ? std::exchange(next, next + block * n) : nullptr;
+      float* bb = wide_b ? next : nullptr;
+      const Index o = r0 * n;
       kernels::widen_row<Isa>(q.x + o, bx, nr * n);
       if (residual) {
         // s = alpha x + r as the float op adds it, rounded to T and stored; then widened
@@ -252,6 +335,75 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const N
       forward_rows<Isa, float, Center>(fspec, fq, serial);
       for (Index r = 0; r < nr; ++r)
         kernels::narrow_row_weighted<Isa>(bx + r * n, w, q.y + o + r * n, n);
+    };
+    if (!fused) {
+      for (Index b = b0; b < b1; ++b) staged(b * block, std::min(block, rows - b * block));
+      return;
+    }
+    if constexpr (has_narrow_packets<Isa>::value) {
+      const Index r_end = std::min(rows, b1 * block);
+      const Index ahead = prefetch_ahead_rows(n * static_cast<Index>(sizeof(T)));
+      const double dn = static_cast<double>(n);
+      with_scale(fspec.scale, [&](auto S) {
+        with_bool(fspec.shift, [&](auto B) {
+          with_bool(stream, [&](auto St) {
+            constexpr ScaleKind kS = decltype(S)::value;
+            constexpr bool kB = decltype(B)::value, kSt = decltype(St)::value;
+            if constexpr (!Center && kB) {
+              return;  // RMSNorm never shifts
+            } else {
+              for (Index r = b0 * block; r < r_end; ++r) {
+                const T* xr = q.x + r * n;
+                RowStat st;
+                if (Center) {
+                  float head[5];
+                  const Index k = std::min<Index>(n, 5);
+                  for (Index i = 0; i < k; ++i) head[i] = static_cast<float>(xr[i]);
+                  const float shift = tree_shift(head, k);
+                  double s = 0.0, s2 = 0.0;
+                  kernels::narrow_tree_sums<Isa, T, true>(xr, n, shift, s, s2, ahead_in_row(xr, n));
+                  if (!kernels::blocked_sums_trusted<float>(s, s2, dn)) {
+                    staged(r, 1);
+                    continue;
+                  }
+                  st = moments_of_trees(dn, spec.eps, static_cast<double>(shift), s, s2);
+                } else {
+                  double unused = 0.0, fs = 0.0;
+                  kernels::narrow_tree_sums<Isa, T, false>(xr, n, 0.0f, unused, fs,
+                                                           ahead_in_row(xr, n));
+                  if (!kernels::blocked_sums_trusted<float>(0.0, fs, dn)) {
+                    staged(r, 1);
+                    continue;
+                  }
+                  st = row_stat(0.0, fs / dn, 1.0, spec.eps, spec.eps_outside);
+                }
+                // As forward_rows saves and applies them.
+                const double mean = st.mean();
+                const float hi = static_cast<float>(mean);
+                const float lo = static_cast<float>(mean - static_cast<double>(hi));
+                const float rt = static_cast<float>(st.rstd);
+                if (st.denom_s == 0.0 || std::isinf(rt)) {
+                  staged(r, 1);
+                  continue;
+                }
+                if (Center) {
+                  q.mean_hi[r] = hi;
+                  q.mean_lo[r] = lo;
+                }
+                q.rstd[r] = rt;
+                const Index nx = r + 1 + ahead;
+                const float* g =
+                    q.gamma && !cast_then_weight ? q.gamma + r * q.param_stride : nullptr;
+                const float* be = q.beta ? q.beta + r * q.param_stride : nullptr;
+                kernels::normalize_narrow<Isa, T, Center, kS, kB, kSt>(
+                    xr, q.y + r * n, n, {hi, lo, rt}, g, be, w,
+                    nx < r_end ? kernels::Prefetch(q.x + nx * n, n, true) : kernels::Prefetch());
+              }
+              if (kSt) Isa::fence();
+            }
+          });
+        });
+      });
     }
   });
 }
@@ -367,9 +519,9 @@ void backward_narrow_rows(const RowNormSpec& spec, const NarrowGradPass<T>& q, b
             with_bool(q.dr != nullptr, [&](auto Dr) {
               constexpr bool kDs = decltype(Ds)::value, kDx = decltype(Dx)::value,
                              kDr = decltype(Dr)::value;
-              kernels::residual_grad<Isa, float, kDs, kDx, kDr>(bdy, kDs ? bx : nullptr,
-                                                                kDx ? bdy : nullptr,
-                                                                kDr ? bx : nullptr, nr * n, q.alpha);
+              kernels::residual_grad<Isa, float, kDs, kDx, kDr>(
+                  bdy, kDs ? bx : nullptr, kDx ? bdy : nullptr, kDr ? bx : nullptr, nr * n,
+                  q.alpha);
             });
           });
         });
@@ -377,7 +529,8 @@ void backward_narrow_rows(const RowNormSpec& spec, const NarrowGradPass<T>& q, b
       }
       if (q.dx) kernels::narrow_row<Isa>(bdy, q.dx + o, nr * n);
       if (dg_acc)
-        for (Index j = 0; j < n; ++j) dg_acc[j] += static_cast<double>(pg[static_cast<std::size_t>(j)]);
+        for (Index j = 0; j < n; ++j)
+          dg_acc[j] += static_cast<double>(pg[static_cast<std::size_t>(j)]);
       if (db_acc)
         for (Index j = 0; j < n; ++j)
           db_acc[j] += static_cast<double>(pg[static_cast<std::size_t>(n + j)]);
@@ -411,8 +564,8 @@ void backward_narrow_rows(const RowNormSpec& spec, const NarrowGradPass<T>& q, b
 // double sums rounded to float, then to P; zeros when there are no rows. dgamma, dbeta:
 // nullptr when skipped. Also writes q's dx (and the residual's dx and dr).
 template <class Isa, class T, class P, bool Center>
-void backward_narrow_grads(const RowNormSpec& spec, const NarrowGradPass<T>& q, P* dgamma,
-                           P* dbeta, const Exec& device) {
+void backward_narrow_grads(const RowNormSpec& spec, const NarrowGradPass<T>& q, P* dgamma, P* dbeta,
+                           const Exec& device) {
   const Index n = q.n;
   const bool want_param = dgamma || dbeta;
   const bool want_out = q.dx || (q.residual && q.dr);
@@ -426,7 +579,8 @@ void backward_narrow_grads(const RowNormSpec& spec, const NarrowGradPass<T>& q, 
   if (!want_param) return;
   for (Index j = 0; j < n; ++j) {
     if (dgamma) dgamma[j] = P(static_cast<float>(sums[static_cast<std::size_t>(j)]));
-    if (dbeta && spec.shift) dbeta[j] = P(static_cast<float>(sums[static_cast<std::size_t>(n + j)]));
+    if (dbeta && spec.shift)
+      dbeta[j] = P(static_cast<float>(sums[static_cast<std::size_t>(n + j)]));
   }
 }
 
@@ -462,8 +616,9 @@ void backward_narrow(const RowNormSpec& spec, const View<const T>& dy, const Vie
   check_backward<Center>(spec, where, dy, x, p, saved, dx, dgamma, dbeta);
   const Index n = x.inner(spec.k), rows = x.outer(spec.k);
   const WideParams wp = widen_params(p, n);
-  backward_narrow_grads<Isa, T, P, Center>(spec, narrow_grad_pass<T, Center>(dy, x, dx, n, rows, wp, saved),
-                                           data_or_null(dgamma), data_or_null(dbeta), device);
+  backward_narrow_grads<Isa, T, P, Center>(
+      spec, narrow_grad_pass<T, Center>(dy, x, dx, n, rows, wp, saved), data_or_null(dgamma),
+      data_or_null(dbeta), device);
 }
 
 // The fused residual's backward for narrow T: t = ds + g computed in float by the float
@@ -489,7 +644,8 @@ void backward_residual_narrow(const RowNormSpec& spec, const View<const T>& ds,
   q.ds = ds.present ? ds.data : nullptr;
   q.dr = data_or_null(dr);
   q.alpha = static_cast<float>(alpha);
-  backward_narrow_grads<Isa, T, P, Center>(spec, q, data_or_null(dgamma), data_or_null(dbeta), device);
+  backward_narrow_grads<Isa, T, P, Center>(spec, q, data_or_null(dgamma), data_or_null(dbeta),
+                                           device);
 }
 
 }  // namespace detail

@@ -398,6 +398,40 @@ struct Scale {
   }
 };
 
+// xhat * scale + beta, a packet or an element at a time (normalize, and narrow storage's
+// fused forward, narrow.hpp).
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift>
+struct NormAffine {
+  using P = typename Isa::template Pack<T>;
+  using X = Xhat<Isa, T, Center>;
+  using G = Scale<Isa, T, S>;
+  RowAffine<T> r;
+  const T* gamma;
+  const T* beta;
+  X xhat;
+  G scale{};
+  NormAffine(const RowAffine<T>& ra, const T* g, const T* b) : r(ra), gamma(g), beta(b), xhat(ra) {}
+  // The packet of elements [i, i + W), xv holding their x.
+  typename P::V operator()(const typename P::V& xv, Index i) const {
+    typename P::V v = xhat(xv);
+    if (S != ScaleKind::None) {
+      v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
+    } else if (Shift) {
+      v = P::add(v, P::load(beta + i));
+    }
+    return v;
+  }
+  // Element i, of value x: the same bits as its packet lane.
+  T scalar(T x, Index i) const {
+    T v = X::scalar(r, x);
+    if (S != ScaleKind::None)
+      v = Shift ? fmadd_s<Isa>(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
+    else if (Shift)
+      v += beta[i];
+    return v;
+  }
+};
+
 // y = xhat * scale + beta. Stream selects non-temporal stores (after a scalar head
 // that aligns y to the packet size). y may be x (in place).
 // copy (the fused residual's s, built in a scratch row x): also written, x itself, with
@@ -408,15 +442,10 @@ template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T* gamma,
                       const T* beta, T* copy = nullptr, Prefetch pf = {}, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
-  using X = Xhat<Isa, T, Center>;
-  using G = Scale<Isa, T, S>;
   constexpr Index W = static_cast<Index>(P::W);
+  const NormAffine<Isa, T, Center, S, Shift> op(r, gamma, beta);
   auto scalar_at = [&](Index i) {
-    T v = X::scalar(r, x[i]);
-    if (S != ScaleKind::None)
-      v = Shift ? fmadd_s<Isa>(v, G::scalar(gamma + i), beta[i]) : v * G::scalar(gamma + i);
-    else if (Shift)
-      v += beta[i];
+    const T v = op.scalar(x[i], i);
     if (copy) copy[i] = x[i];
     y[i] = v;
   };
@@ -425,18 +454,11 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
     constexpr std::uintptr_t align = sizeof(typename P::V);
     for (; i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0; ++i) scalar_at(i);
   }
-  const X xhat(r);
-  const G scale{};
   for (; i + W <= n; i += W) {
     pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     pf2.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     const typename P::V xv = P::load(x + i);
-    typename P::V v = xhat(xv);
-    if (S != ScaleKind::None) {
-      v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
-    } else if (Shift) {
-      v = P::add(v, P::load(beta + i));
-    }
+    const typename P::V v = op(xv, i);
     if (Stream) {
       P::stream(y + i, v);
       if (copy) P::stream(copy + i, xv);

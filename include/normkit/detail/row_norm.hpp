@@ -137,14 +137,16 @@ kernels::Prefetch ahead_in_row(const T* x, Index n) {
 // LayerNorm statistics of a float row from its float-tree sums (s, s2 of d = x - shift:
 // kernels::blocked_sums, or the fused residual's residual_blocked_sums) when they can be
 // trusted; otherwise exactly, in one more pass over x (which is in cache by then).
+// The trusted case alone (narrow.hpp's fused forward checks the trust itself).
+inline RowStat moments_of_trees(double n, double eps, double shift, double s, double s2) {
+  const double md = s / n;
+  return row_stat(shift + md, std::max(s2 / n - md * md, 0.0), 1.0, eps, false);
+}
 template <class Isa, class T>
 RowStat moments_from_trees(const T* x, Index n, double eps, T shift, double s, double s2) {
   const double dn = static_cast<double>(n);
-  if (kernels::blocked_sums_trusted<T>(s, s2, dn)) {
-    const double md = s / dn;
-    return row_stat(static_cast<double>(shift) + md, std::max(s2 / dn - md * md, 0.0), 1.0, eps,
-                    false);
-  }
+  if (kernels::blocked_sums_trusted<T>(s, s2, dn))
+    return moments_of_trees(dn, eps, static_cast<double>(shift), s, s2);
   // The exact form: one pass in double, shifted by the row's first element. Float data
   // widened to double never overflows or underflows when squared (FLT_MAX^2 = 1.2e77,
   // min subnormal^2 = 2e-90), and shifting by a member x0 of the row bounds the
@@ -640,8 +642,8 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   const bool stream = want_dx && stream_output<T>(q.total);
   // Streaming four dx rows in step needs them to share their alignment; and the four
   // rows must not fall in the same L1 sets (rows_alias_in_l1).
-  const bool group_rows = (!stream || (n * static_cast<Index>(sizeof(T))) % 64 == 0) &&
-                          !rows_alias_in_l1(n * static_cast<Index>(sizeof(T)));
+  const Index row_bytes = n * static_cast<Index>(sizeof(T));
+  const bool group_rows = (!stream || row_bytes % 64 == 0) && !rows_alias_in_l1(row_bytes);
   const double dn = static_cast<double>(n);
   const Index chunks = want_param ? reduce_chunks(rows) : 0;
   // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
@@ -722,7 +724,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
               }
               if (kSt) Isa::fence();
             };
-            const double bytes = static_cast<double>(n * static_cast<Index>(sizeof(T)));
+            const double bytes = static_cast<double>(row_bytes);
             if (kPg > 0) {
               const Eigen::TensorOpCost cost(2.0 * bytes * static_cast<double>(rows / chunks),
                                              bytes * static_cast<double>(rows / chunks),

@@ -101,8 +101,13 @@ struct Narrow {
   static NORMKIT_AVX512_FN __m256i load16(const std::uint16_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
+  // Stream: a non-temporal store (p 32-byte aligned).
+  template <bool Stream = false>
   static NORMKIT_AVX512_FN void store16(std::uint16_t* p, __m256i v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+    if (Stream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
   static NORMKIT_AVX512_FN F widen_bf16(const std::uint16_t* p) {
     const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, load16(p));
@@ -137,12 +142,16 @@ struct Narrow {
     return _mm512_maskz_cvtepi32_epi16(0xFFFF, bf16_integer(a));
 #endif
   }
-  static NORMKIT_AVX512_FN void narrow_bf16(std::uint16_t* p, const F& a) { store16(p, bf16_bits(a)); }
+  template <bool Stream = false>
+  static NORMKIT_AVX512_FN void narrow_bf16(std::uint16_t* p, const F& a) {
+    store16<Stream>(p, bf16_bits(a));
+  }
   static NORMKIT_AVX512_FN F widen_half(const std::uint16_t* p) {
     return {_mm512_maskz_cvtph_ps(0xFFFF, load16(p))};
   }
+  template <bool Stream = false>
   static NORMKIT_AVX512_FN void narrow_half(std::uint16_t* p, const F& a) {
-    store16(p, _mm512_maskz_cvtps_ph(0xFFFF, a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    store16<Stream>(p, _mm512_maskz_cvtps_ph(0xFFFF, a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
 
