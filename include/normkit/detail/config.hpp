@@ -32,6 +32,13 @@
 #define NORMKIT_HAS_FMA 1
 #endif
 
+// A function kept out of line (out of the flattened hot regions, simd/target.hpp).
+#if defined(__GNUC__) || defined(__clang__)
+#define NORMKIT_NOINLINE __attribute__((noinline))
+#else
+#define NORMKIT_NOINLINE
+#endif
+
 // NORMKIT_ISA: the widest backend the compiler's target flags allow (compile-time
 // selection, as with -march=native).
 #if defined(NORMKIT_ARCH_ARM64) && NORMKIT_MAX_ISA >= NORMKIT_ISA_NEON

@@ -249,6 +249,129 @@ struct NarrowPass {
   float alpha = 1.0f;
 };
 
+// What a narrow forward call stages through the float engine (forward_narrow_rows).
+template <class T>
+struct NarrowStaging {
+  const NarrowPass<T>& q;
+  RowNormSpec fspec;  // the float engine's spec (without scale in the LLaMA order)
+  bool cast_then_weight;
+  const float* w;  // the LLaMA order's weight (float, 1 + w for Gemma's), or nullptr
+  Index block;     // rows per block (narrow_block_rows)
+  Index arrays;    // scratch arrays per block: x (then s), r, gamma and beta rows in T
+};
+
+// The staged path: rows [r0, r0 + nr) (nr <= block) widened into the scratch buf,
+// normalized there by the float engine (serially), rounded into y.
+template <class Isa, class T, bool Center>
+void forward_narrow_staged(const NarrowStaging<T>& g, Index r0, Index nr, std::vector<float>& buf) {
+  const NarrowPass<T>& q = g.q;
+  const Index n = q.n, block = g.block;
+  const bool residual = q.r != nullptr;
+  const bool wide_g = q.gamma_t != nullptr, wide_b = q.beta_t != nullptr;
+  if (buf.empty()) buf.resize(static_cast<std::size_t>(g.arrays * block * n));
+  float* bx = buf.data();
+  float* next = bx + block * n;
+  float* br = residual ? std::exchange(next, next + block * n) : nullptr;
+  float* bg = wide_g ? std::exchange(next, next + block * n) : nullptr;
+  float* bb = wide_b ? next : nullptr;
+  const Index o = r0 * n;
+  kernels::widen_row<Isa>(q.x + o, bx, nr * n);
+  if (residual) {
+    // s = alpha x + r as the float op adds it, rounded to T and stored; then widened
+    // back, so that the statistics and y are those of the stored s.
+    kernels::widen_row<Isa>(q.r + o, br, nr * n);
+    kernels::residual_add<Isa>(bx, br, bx, nr * n, q.alpha);
+    kernels::narrow_row<Isa>(bx, q.s + o, nr * n);
+    kernels::widen_row<Isa>(q.s + o, bx, nr * n);
+  }
+  const float* gm = q.gamma ? q.gamma + r0 * q.param_stride : nullptr;
+  const float* be = q.beta ? q.beta + r0 * q.param_stride : nullptr;
+  if (wide_g) {
+    kernels::widen_row<Isa>(q.gamma_t + o, bg, nr * n);
+    gm = bg;
+  }
+  if (wide_b) {
+    kernels::widen_row<Isa>(q.beta_t + o, bb, nr * n);
+    be = bb;
+  }
+  // Normalized in place in the scratch (no streaming: it stays in cache).
+  const RowPass<float> fq{bx,
+                          bx,
+                          n,
+                          nr,
+                          g.cast_then_weight ? nullptr : gm,
+                          be,
+                          wide_g || wide_b ? n : q.param_stride,
+                          Center ? q.mean_hi + r0 : nullptr,
+                          Center ? q.mean_lo + r0 : nullptr,
+                          q.rstd + r0,
+                          false};
+  forward_rows<Isa, float, Center>(g.fspec, fq, Exec());
+  for (Index r = 0; r < nr; ++r) kernels::narrow_row_weighted<Isa>(bx + r * n, g.w, q.y + o + r * n, n);
+}
+
+// The staged path of a row the fused path cannot take, out of line: under runtime
+// dispatch a hot region is flattened (simd/target.hpp), and the staged path with the
+// float engine inlined into each of the fused path's variants made one translation unit
+// take over 20 minutes to compile. It enters its own hot region (Isa::run).
+template <class Isa, class T, bool Center>
+NORMKIT_NOINLINE void forward_narrow_staged_row(const NarrowStaging<T>& g, Index r,
+                                                std::vector<float>& buf) {
+  Isa::run([&] { forward_narrow_staged<Isa, T, Center>(g, r, 1, buf); });
+}
+
+// Fused rows (plain LayerNorm and RMSNorm with float parameters, on a backend with
+// narrow packets): x widened into the statistics' trees and into the normalize pass, y
+// rounded as it is stored, no scratch: the same bits as the staged path, which still
+// takes the rows whose statistics the trees cannot give (kernels::blocked_sums_trusted)
+// and the special ones (var + eps == 0, an infinite rstd). Rows [r0, r1).
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
+void forward_narrow_fused(const NarrowStaging<T>& g, Index r0, Index r1, std::vector<float>& buf) {
+  const NarrowPass<T>& q = g.q;
+  const Index n = q.n;
+  const double dn = static_cast<double>(n);
+  const Index ahead = prefetch_ahead_rows(n * static_cast<Index>(sizeof(T)));
+  for (Index r = r0; r < r1; ++r) {
+    const T* xr = q.x + r * n;
+    double s = 0.0, s2 = 0.0;
+    float shift = 0.0f;
+    if (Center) {
+      float head[5];
+      const Index k = std::min<Index>(n, 5);
+      for (Index i = 0; i < k; ++i) head[i] = static_cast<float>(xr[i]);
+      shift = tree_shift(head, k);
+    }
+    kernels::narrow_tree_sums<Isa, T, Center>(xr, n, shift, s, s2, ahead_in_row(xr, n));
+    bool fused = kernels::blocked_sums_trusted<float>(Center ? s : 0.0, s2, dn);
+    RowStat st;
+    if (fused)
+      st = Center ? moments_of_trees(dn, g.fspec.eps, static_cast<double>(shift), s, s2)
+                  : row_stat(0.0, s2 / dn, 1.0, g.fspec.eps, g.fspec.eps_outside);
+    // As forward_rows saves and applies them.
+    const double mean = st.mean();
+    const float hi = static_cast<float>(mean);
+    const float lo = static_cast<float>(mean - static_cast<double>(hi));
+    const float rt = static_cast<float>(st.rstd);
+    fused = fused && st.denom_s != 0.0 && !std::isinf(rt);
+    if (!fused) {
+      forward_narrow_staged_row<Isa, T, Center>(g, r, buf);
+      continue;
+    }
+    if (Center) {
+      q.mean_hi[r] = hi;
+      q.mean_lo[r] = lo;
+    }
+    q.rstd[r] = rt;
+    const Index nx = r + 1 + ahead;
+    const float* gm = q.gamma && !g.cast_then_weight ? q.gamma + r * q.param_stride : nullptr;
+    const float* be = q.beta ? q.beta + r * q.param_stride : nullptr;
+    kernels::normalize_narrow<Isa, T, Center, S, Shift, Stream>(
+        xr, q.y + r * n, n, {hi, lo, rt}, gm, be, g.w,
+        nx < r1 ? kernels::Prefetch(q.x + nx * n, n, true) : kernels::Prefetch());
+  }
+  if (Stream) Isa::fence();
+}
+
 // Forward over the rows of q in blocks (independent of the parameters' type: one
 // instantiation for both). cast_then_weight: RMSNorm's LLaMA order (shared float gamma
 // only).
@@ -269,142 +392,43 @@ void forward_narrow_rows(const RowNormSpec& spec, bool cast_then_weight, const N
         for (float& w : weight) w = 1.0f + w;
     }
   }
-  const float* w = weight.empty() ? nullptr : weight.data();
   const bool residual = q.r != nullptr;
   const bool wide_g = q.gamma_t != nullptr, wide_b = q.beta_t != nullptr;
-  // Scratch arrays of a block: x (then s), r, gamma and beta rows in T widened.
   const Index arrays = 1 + (residual ? 1 : 0) + (wide_g ? 1 : 0) + (wide_b ? 1 : 0);
+  const NarrowStaging<T> g{q, fspec, cast_then_weight, weight.empty() ? nullptr : weight.data(),
+                           narrow_block_rows(n), arrays};
 
-  const Index block = narrow_block_rows(n);
+  const Index block = g.block;
   const Index blocks = (rows + block - 1) / block;
   const double bytes = static_cast<double>(block * n * arrays * static_cast<Index>(sizeof(T)));
   const Eigen::TensorOpCost cost(bytes, bytes, 6.0 * static_cast<double>(block * n * arrays));
-  const Exec serial;
-  // Fused rows (plain LayerNorm and RMSNorm with float parameters, on a backend with
-  // narrow packets): x widened into the statistics' trees and into the normalize pass,
-  // y rounded as it is stored, no scratch: the same bits as the staged path, which still
-  // takes the rows whose statistics the trees cannot give (kernels::blocked_sums_trusted)
-  // and the special ones (var + eps == 0, an infinite rstd).
-  const bool fused = !residual && !wide_g && !wide_b && !spec.ada && has_narrow_packets<Isa>::value;
-  // Fused rows stream y when the whole output is larger than the caches (as the float
-  // engine's y; the staged path writes y from L1 with ordinary stores).
-  const bool stream = fused && stream_output<T>(rows * n);
-  parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
-    std::vector<float> buf;
-    // The staged path: rows [r0, r0 + nr) widened into the scratch, normalized there by
-    // the float engine, rounded into y.
-    auto staged = [&](Index r0, Index nr) {
-      if (buf.empty()) buf.resize(static_cast<std::size_t>(arrays * block * n));
-      float* bx = buf.data();
-      float* next = bx + block * n;
-      float* br = residual ? std::exchange(next, next + block * n) : nullptr;
-      float* bg = wide_g ? std::exchange(next, next + block * n) : nullptr;
-      float* bb = wide_b ? next : nullptr;
-      const Index o = r0 * n;
-      kernels::widen_row<Isa>(q.x + o, bx, nr * n);
-      if (residual) {
-        // s = alpha x + r as the float op adds it, rounded to T and stored; then widened
-        // back, so that the statistics and y are those of the stored s.
-        kernels::widen_row<Isa>(q.r + o, br, nr * n);
-        kernels::residual_add<Isa>(bx, br, bx, nr * n, q.alpha);
-        kernels::narrow_row<Isa>(bx, q.s + o, nr * n);
-        kernels::widen_row<Isa>(q.s + o, bx, nr * n);
-      }
-      const float* g = q.gamma ? q.gamma + r0 * q.param_stride : nullptr;
-      const float* be = q.beta ? q.beta + r0 * q.param_stride : nullptr;
-      if (wide_g) {
-        kernels::widen_row<Isa>(q.gamma_t + o, bg, nr * n);
-        g = bg;
-      }
-      if (wide_b) {
-        kernels::widen_row<Isa>(q.beta_t + o, bb, nr * n);
-        be = bb;
-      }
-      // Normalized in place in the scratch (no streaming: it stays in cache).
-      const RowPass<float> fq{bx,
-                              bx,
-                              n,
-                              nr,
-                              cast_then_weight ? nullptr : g,
-                              be,
-                              wide_g || wide_b ? n : q.param_stride,
-                              Center ? q.mean_hi + r0 : nullptr,
-                              Center ? q.mean_lo + r0 : nullptr,
-                              q.rstd + r0,
-                              false};
-      forward_rows<Isa, float, Center>(fspec, fq, serial);
-      for (Index r = 0; r < nr; ++r)
-        kernels::narrow_row_weighted<Isa>(bx + r * n, w, q.y + o + r * n, n);
-    };
-    if (!fused) {
-      for (Index b = b0; b < b1; ++b) staged(b * block, std::min(block, rows - b * block));
-      return;
-    }
-    if constexpr (has_narrow_packets<Isa>::value) {
-      const Index r_end = std::min(rows, b1 * block);
-      const Index ahead = prefetch_ahead_rows(n * static_cast<Index>(sizeof(T)));
-      const double dn = static_cast<double>(n);
+  if constexpr (has_narrow_packets<Isa>::value) {
+    if (!residual && !wide_g && !wide_b && !spec.ada) {
+      // Fused rows stream y when the whole output is larger than the caches (as the
+      // float engine's y; the staged path writes y from L1 with ordinary stores).
+      const bool stream = stream_output<T>(rows * n);
       with_scale(fspec.scale, [&](auto S) {
         with_bool(fspec.shift, [&](auto B) {
           with_bool(stream, [&](auto St) {
             constexpr ScaleKind kS = decltype(S)::value;
             constexpr bool kB = decltype(B)::value, kSt = decltype(St)::value;
-            if constexpr (!Center && kB) {
-              return;  // RMSNorm never shifts
-            } else {
-              for (Index r = b0 * block; r < r_end; ++r) {
-                const T* xr = q.x + r * n;
-                RowStat st;
-                if (Center) {
-                  float head[5];
-                  const Index k = std::min<Index>(n, 5);
-                  for (Index i = 0; i < k; ++i) head[i] = static_cast<float>(xr[i]);
-                  const float shift = tree_shift(head, k);
-                  double s = 0.0, s2 = 0.0;
-                  kernels::narrow_tree_sums<Isa, T, true>(xr, n, shift, s, s2, ahead_in_row(xr, n));
-                  if (!kernels::blocked_sums_trusted<float>(s, s2, dn)) {
-                    staged(r, 1);
-                    continue;
-                  }
-                  st = moments_of_trees(dn, spec.eps, static_cast<double>(shift), s, s2);
-                } else {
-                  double unused = 0.0, fs = 0.0;
-                  kernels::narrow_tree_sums<Isa, T, false>(xr, n, 0.0f, unused, fs,
-                                                           ahead_in_row(xr, n));
-                  if (!kernels::blocked_sums_trusted<float>(0.0, fs, dn)) {
-                    staged(r, 1);
-                    continue;
-                  }
-                  st = row_stat(0.0, fs / dn, 1.0, spec.eps, spec.eps_outside);
-                }
-                // As forward_rows saves and applies them.
-                const double mean = st.mean();
-                const float hi = static_cast<float>(mean);
-                const float lo = static_cast<float>(mean - static_cast<double>(hi));
-                const float rt = static_cast<float>(st.rstd);
-                if (st.denom_s == 0.0 || std::isinf(rt)) {
-                  staged(r, 1);
-                  continue;
-                }
-                if (Center) {
-                  q.mean_hi[r] = hi;
-                  q.mean_lo[r] = lo;
-                }
-                q.rstd[r] = rt;
-                const Index nx = r + 1 + ahead;
-                const float* g =
-                    q.gamma && !cast_then_weight ? q.gamma + r * q.param_stride : nullptr;
-                const float* be = q.beta ? q.beta + r * q.param_stride : nullptr;
-                kernels::normalize_narrow<Isa, T, Center, kS, kB, kSt>(
-                    xr, q.y + r * n, n, {hi, lo, rt}, g, be, w,
-                    nx < r_end ? kernels::Prefetch(q.x + nx * n, n, true) : kernels::Prefetch());
-              }
-              if (kSt) Isa::fence();
+            if constexpr (Center || !kB) {  // RMSNorm never shifts
+              parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
+                std::vector<float> buf;
+                forward_narrow_fused<Isa, T, Center, kS, kB, kSt>(g, b0 * block,
+                                                                  std::min(rows, b1 * block), buf);
+              });
             }
           });
         });
       });
+      return;
     }
+  }
+  parallel_for<Isa>(device, blocks, cost, [&](Index b0, Index b1) {
+    std::vector<float> buf;
+    for (Index b = b0; b < b1; ++b)
+      forward_narrow_staged<Isa, T, Center>(g, b * block, std::min(block, rows - b * block), buf);
   });
 }
 

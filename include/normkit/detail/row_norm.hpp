@@ -11,6 +11,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf (l1d_ways)
+#endif
+
 #include "../common.hpp"
 #include "config.hpp"
 #include "plan.hpp"
@@ -108,6 +112,19 @@ inline Index prefetch_ahead_rows(Index row_bytes) {
 // among 1, 2, 4 and 8 KB for backward's first pass).
 constexpr Index kStreamAheadBytes = 4096;
 
+// The associativity of the CPU's L1 data cache (ways; glibc reads it from CPUID), read
+// once; 8 where unknown.
+inline long l1d_ways() {
+  static const long ways = [] {
+    long v = 0;
+#if defined(_SC_LEVEL1_DCACHE_ASSOC)
+    v = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+#endif
+    return v > 0 ? v : 8L;
+  }();
+  return ways;
+}
+
 // Whether rows row_bytes apart, walked four in step (backward's second pass), map to
 // the same L1 sets: an L1 of 4 KB per way (32 KB 8-way: Zen 3, most Intel cores) sets
 // by address bits 6-11, so rows whose distance is within 256 bytes of a multiple of
@@ -116,8 +133,12 @@ constexpr Index kStreamAheadBytes = 4096;
 // and 8192 features (16 and 32 KB rows) the four-row pass ran at 0.11-0.15 of the
 // roofline on Zen 3, one row at a time at 0.45-0.55 (bench_layer_norm, 2026-12-02).
 // Then rows go one at a time: the grouping depends on n only, so results still do not
-// depend on the thread count.
+// depend on the thread count. An L1 of 12 ways or more (48 KB 12-way: Zen 5, Intel since
+// Ice Lake) holds them: there four rows in step were faster at 4096 features (LayerNorm
+// backward 13.7 against 8-10.5 GB/s at [64, 4096], 9.7 against 8.0-8.5 at [4096, 4096],
+// Xeon with AVX-512, 2026-12-02), so the rule applies below 12 ways only.
 inline bool rows_alias_in_l1(Index row_bytes) {
+  if (l1d_ways() >= 12) return false;
   for (Index d = 1; d < 4; ++d) {
     const Index m = (d * row_bytes) % 4096;  // rows nearer than 4 KB are neighbours, not rivals
     if (d * row_bytes >= 4096 - 256 && std::min(m, 4096 - m) < 256) return true;
