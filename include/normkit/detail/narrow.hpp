@@ -49,73 +49,6 @@ struct has_narrow_packets<Isa, std::void_t<typename Isa::Narrow>> : std::true_ty
 
 namespace kernels {
 
-// dst[i] = float(src[i]) (exact).
-template <class Isa, class T>
-inline void widen_row(const T* src, float* dst, Index n) {
-  Index i = 0;
-  if constexpr (has_narrow_packets<Isa>::value) {
-    using N = typename Isa::Narrow;
-    using P = typename Isa::template Pack<float>;
-    constexpr Index W = static_cast<Index>(N::W);
-    const auto* s = reinterpret_cast<const std::uint16_t*>(src);
-    for (; i + W <= n; i += W) {
-      if constexpr (std::is_same<T, Eigen::bfloat16>::value)
-        P::store(dst + i, N::widen_bf16(s + i));
-      else
-        P::store(dst + i, N::widen_half(s + i));
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// dst[i] = T(src[i]), rounded to nearest even (Eigen's conversion, bit for bit).
-template <class Isa, class T>
-inline void narrow_row(const float* src, T* dst, Index n) {
-  Index i = 0;
-  if constexpr (has_narrow_packets<Isa>::value) {
-    using N = typename Isa::Narrow;
-    using P = typename Isa::template Pack<float>;
-    constexpr Index W = static_cast<Index>(N::W);
-    auto* d = reinterpret_cast<std::uint16_t*>(dst);
-    for (; i + W <= n; i += W) {
-      if constexpr (std::is_same<T, Eigen::bfloat16>::value)
-        N::narrow_bf16(d + i, P::load(src + i));
-      else
-        N::narrow_half(d + i, P::load(src + i));
-    }
-  }
-  for (; i < n; ++i) dst[i] = T(src[i]);
-}
-
-// RMSNorm's LLaMA order: dst[i] = T(float(T(xhat[i])) * w[i]), the normalized value
-// rounded to T before the (float) weight multiplies it, then rounded again. w: nullptr
-// for none (then just narrow_row).
-template <class Isa, class T>
-inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index n) {
-  if (!w) {
-    narrow_row<Isa>(xhat, dst, n);
-    return;
-  }
-  Index i = 0;
-  if constexpr (has_narrow_packets<Isa>::value) {
-    using N = typename Isa::Narrow;
-    using P = typename Isa::template Pack<float>;
-    constexpr Index W = static_cast<Index>(N::W);
-    auto* d = reinterpret_cast<std::uint16_t*>(dst);
-    for (; i + W <= n; i += W) {
-      // The inner rounding goes through dst itself: narrow, widen back, multiply.
-      if constexpr (std::is_same<T, Eigen::bfloat16>::value) {
-        N::narrow_bf16(d + i, P::load(xhat + i));
-        N::narrow_bf16(d + i, P::mul(N::widen_bf16(d + i), P::load(w + i)));
-      } else {
-        N::narrow_half(d + i, P::load(xhat + i));
-        N::narrow_half(d + i, P::mul(N::widen_half(d + i), P::load(w + i)));
-      }
-    }
-  }
-  for (; i < n; ++i) dst[i] = T(static_cast<float>(T(xhat[i])) * w[i]);
-}
-
 // Packets of narrow storage through Isa::Narrow, by T.
 template <class Isa, class T>
 struct NarrowIo {
@@ -138,6 +71,53 @@ struct NarrowIo {
       N::template narrow_half<Stream>(q, v);
   }
 };
+
+// dst[i] = float(src[i]) (exact).
+template <class Isa, class T>
+inline void widen_row(const T* src, float* dst, Index n) {
+  Index i = 0;
+  if constexpr (has_narrow_packets<Isa>::value) {
+    using P = typename Isa::template Pack<float>;
+    constexpr Index W = static_cast<Index>(P::W);
+    for (; i + W <= n; i += W) P::store(dst + i, NarrowIo<Isa, T>::load(src + i));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// dst[i] = T(src[i]), rounded to nearest even (Eigen's conversion, bit for bit).
+template <class Isa, class T>
+inline void narrow_row(const float* src, T* dst, Index n) {
+  Index i = 0;
+  if constexpr (has_narrow_packets<Isa>::value) {
+    using P = typename Isa::template Pack<float>;
+    constexpr Index W = static_cast<Index>(P::W);
+    for (; i + W <= n; i += W) NarrowIo<Isa, T>::store(dst + i, P::load(src + i));
+  }
+  for (; i < n; ++i) dst[i] = T(src[i]);
+}
+
+// RMSNorm's LLaMA order: dst[i] = T(float(T(xhat[i])) * w[i]), the normalized value
+// rounded to T before the (float) weight multiplies it, then rounded again. w: nullptr
+// for none (then just narrow_row).
+template <class Isa, class T>
+inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index n) {
+  if (!w) {
+    narrow_row<Isa>(xhat, dst, n);
+    return;
+  }
+  Index i = 0;
+  if constexpr (has_narrow_packets<Isa>::value) {
+    using IO = NarrowIo<Isa, T>;
+    using P = typename Isa::template Pack<float>;
+    constexpr Index W = static_cast<Index>(P::W);
+    for (; i + W <= n; i += W) {
+      // The inner rounding goes through dst itself: narrow, widen back, multiply.
+      IO::store(dst + i, P::load(xhat + i));
+      IO::store(dst + i, P::mul(IO::load(dst + i), P::load(w + i)));
+    }
+  }
+  for (; i < n; ++i) dst[i] = T(static_cast<float>(T(xhat[i])) * w[i]);
+}
 
 // The float-tree sums of a narrow row (kernels::tree_sums on its widened elements): the
 // same bits as blocked_sums / blocked_sum_squares over the row widened into floats.
@@ -346,27 +326,23 @@ void forward_narrow_fused(const NarrowStaging<T>& g, Index r0, Index r1, std::ve
     RowStat st;
     if (fused)
       st = Center ? moments_of_trees(dn, g.fspec.eps, static_cast<double>(shift), s, s2)
-                  : row_stat(0.0, s2 / dn, 1.0, g.fspec.eps, g.fspec.eps_outside);
-    // As forward_rows saves and applies them.
-    const double mean = st.mean();
-    const float hi = static_cast<float>(mean);
-    const float lo = static_cast<float>(mean - static_cast<double>(hi));
-    const float rt = static_cast<float>(st.rstd);
-    fused = fused && st.denom_s != 0.0 && !std::isinf(rt);
+                  : rms_of_trees(dn, g.fspec.eps, g.fspec.eps_outside, s2);
+    const kernels::RowAffine<float> ra = row_affine<float>(st);
+    fused = fused && st.denom_s != 0.0 && !std::isinf(ra.rstd);
     if (!fused) {
       forward_narrow_staged_row<Isa, T, Center>(g, r, buf);
       continue;
     }
     if (Center) {
-      q.mean_hi[r] = hi;
-      q.mean_lo[r] = lo;
+      q.mean_hi[r] = ra.mean_hi;
+      q.mean_lo[r] = ra.mean_lo;
     }
-    q.rstd[r] = rt;
+    q.rstd[r] = ra.rstd;
     const Index nx = r + 1 + ahead;
     const float* gm = q.gamma && !g.cast_then_weight ? q.gamma + r * q.param_stride : nullptr;
     const float* be = q.beta ? q.beta + r * q.param_stride : nullptr;
     kernels::normalize_narrow<Isa, T, Center, S, Shift, Stream>(
-        xr, q.y + r * n, n, {hi, lo, rt}, gm, be, g.w,
+        xr, q.y + r * n, n, ra, gm, be, g.w,
         nx < r1 ? kernels::Prefetch(q.x + nx * n, n, true) : kernels::Prefetch());
   }
   if (Stream) Isa::fence();

@@ -108,8 +108,8 @@ inline Index prefetch_ahead_rows(Index row_bytes) {
   return std::max<Index>(0, (kPrefetchAheadBytes + row_bytes - 1) / row_bytes - 1);
 }
 
-// How far ahead a pass that streams a row prefetches its own input (4 KB measured best
-// among 1, 2, 4 and 8 KB for backward's first pass).
+// How far ahead a pass that streams a row prefetches its own input (ahead_in_row; 4 KB
+// measured best among 1, 2, 4 and 8 KB, then for backward's first pass).
 constexpr Index kStreamAheadBytes = 4096;
 
 // The associativity of the CPU's L1 data cache (ways; glibc reads it from CPUID), read
@@ -194,13 +194,25 @@ T tree_shift(const T* x, Index n) {
 // overflowed or underflowed; otherwise exactly in double, where only an Inf or NaN in
 // the row makes the sum non-finite: poison the row (x * 0 would leave its finite
 // elements at 0).
+// The trusted case alone (narrow.hpp's fused forward checks the trust itself).
+inline RowStat rms_of_trees(double n, double eps, bool eps_outside, double fs) {
+  return row_stat(0.0, fs / n, 1.0, eps, eps_outside);
+}
 template <class Isa, class T>
 RowStat rms_from_trees(const T* x, Index n, double eps, bool eps_outside, double fs) {
   const double dn = static_cast<double>(n);
-  if (kernels::blocked_sums_trusted<T>(0.0, fs, dn))
-    return row_stat(0.0, fs / dn, 1.0, eps, eps_outside);
+  if (kernels::blocked_sums_trusted<T>(0.0, fs, dn)) return rms_of_trees(dn, eps, eps_outside, fs);
   const double ss = kernels::sum_squares<Isa>(x, n, 1.0);
   return row_stat(0.0, ss <= DBL_MAX ? ss / dn : kNaN, 1.0, eps, eps_outside);
+}
+
+// The statistics as the kernels apply them (and forward saves them): the mean split in a
+// hi and lo part of T, rstd rounded to T.
+template <class T>
+kernels::RowAffine<T> row_affine(const RowStat& st) {
+  const double mean = st.mean();
+  const T hi = static_cast<T>(mean);
+  return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(st.rstd)};
 }
 
 // LayerNorm statistics of one row.
@@ -446,10 +458,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
               const RowStat st = pre ? *pre
                                  : kC ? row_moments<Isa>(xr, n, spec.eps)
                                       : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
-              const double mean = st.mean();
-              const T hi = static_cast<T>(mean);
-              const T lo = static_cast<T>(mean - static_cast<double>(hi));
-              const T rt = static_cast<T>(st.rstd);
+              const kernels::RowAffine<T> ra = row_affine<T>(st);
+              const T hi = ra.mean_hi, lo = ra.mean_lo, rt = ra.rstd;
               if (kC) {
                 mean_hi[r] = hi;
                 mean_lo[r] = lo;
@@ -467,7 +477,6 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                 if (copy) kernels::copy_row<Isa, T, kSt>(xr, copy, n);
                 return;
               }
-              const kernels::RowAffine<T> ra{hi, lo, rt};
               if (spec.ada) {
                 kernels::adanorm<Isa, T, kSt>(xr, yr, n, ra, static_cast<T>(spec.ada_c),
                                               static_cast<T>(spec.ada_k));
