@@ -173,6 +173,30 @@ TEMPLATE_TEST_CASE("LayerNorm: |x| ~ 1e20 and ~ 1e-25 give finite, correct resul
     }
 }
 
+TEST_CASE("LayerNorm: backward sums whose float trees overflow take the exact sums",
+          "[layer_norm][numerics]") {
+  // Backward's first pass sums g = dy gamma and g xhat in float trees of 16 packets
+  // (kernels::backward_sums), each lane of a tree adding 16 terms. With dy ~ 3e37 (1 +
+  // 0.1 randn) and gamma ~ N(1, 0.5), 16 terms of mostly one sign exceed FLT_MAX (3.4e38)
+  // while every term, the sums in double and the gradients are finite: the row must be
+  // summed again exactly, not poisoned (without that, every dx here was NaN or Inf on
+  // AVX2 and AVX-512). Rows of 512: vector backends build full trees.
+  const Index n = 512, rows = 3;
+  nt::Problem<float> pr({n, rows}, 1, 0, 17);
+  nt::fill_normal(pr.dy.data(), pr.dy.n, 18, 1.0, 0.1);
+  for (std::size_t i = 0; i < pr.dy.n; ++i) pr.dy[i] *= 3e37f;
+  Buffer<float> y(pr.x.n, 0), dx(pr.x.n, 0), dg(pr.gamma.n, 0), db(pr.gamma.n, 0);
+  const CMap<float, 1, Eigen::ColMajor> g(pr.gamma.data(), n), b(pr.beta.data(), n);
+  const LN<float> o(1, 1e-5, AffineMode::ScaleShift);
+  auto x = CMap<float, 2, Eigen::RowMajor>(pr.x.data(), rows, n);
+  auto s = o.forward(x, normkit::affine(g, b), nt::Map<float, 2, Eigen::RowMajor>(y.data(), rows, n));
+  o.backward(CMap<float, 2, Eigen::RowMajor>(pr.dy.data(), rows, n), x, normkit::affine(g, b), s,
+             nt::Map<float, 2, Eigen::RowMajor>(dx.data(), rows, n),
+             nt::Map<float, 1, Eigen::ColMajor>(dg.data(), n), nt::Map<float, 1, Eigen::ColMajor>(db.data(), n));
+  CHECK(std::all_of(dx.data(), dx.data() + dx.n, [](float v) { return std::isfinite(v); }));
+  nt::compare_backward(o, pr, dx.data(), dg.data(), db.data(), "overflowing trees backward");
+}
+
 TEMPLATE_TEST_CASE("LayerNorm: NaN or Inf poisons only its own row", "[layer_norm][numerics]",
                    float, double) {
   const Index n = 67, rows = 5;

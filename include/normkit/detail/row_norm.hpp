@@ -683,6 +683,11 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   // Per-chunk double accumulators for dgamma (and dbeta): chunk c owns
   // acc[(c * acc_arrays + a) * n, ... + n).
   std::vector<double> acc(static_cast<std::size_t>(chunks * acc_arrays * n), 0.0);
+  // Per-chunk stages in T for rows walked one at a time (kernels::StagedAcc), on vector
+  // backends for float (where the widening to double is the cost).
+  using Pk = typename Isa::template Pack<T>;
+  constexpr bool kStage = Pk::W > Isa::Acc::W;
+  std::vector<T> stage_buf(kStage ? static_cast<std::size_t>(chunks * acc_arrays * n) : 0);
 
   constexpr bool kC = Center;
   with_scale(spec.scale, [&](auto S) {
@@ -729,7 +734,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                 args.b[j] = static_cast<T>(mean_gx);
               }
             };
-            auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc) {
+            auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc, T* stg) {
               Index r = r0;
               // The second pass's share of the next group (of k rows): the part the first
               // pass does not prefetch, all of it without a first pass.
@@ -746,11 +751,23 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                       args, gamma, n, dg_acc, db_acc, second(q.dy, r, 4), second(q.x, r, 4));
                 }
               }
+              // Single rows stage their parameter terms four rows at a time (the stages
+              // depend on the row range only).
+              const Index single0 = r;
               for (; r < r1; ++r) {
                 kernels::RowsArgs<T, 1> args;
                 prepare(args, 0, r, 1);
+                kernels::StagedAcc<T> sa;
+                if (kStage && kPg > 0) {
+                  const Index j = (r - single0) % 4, left = r1 - r;
+                  using kernels::Stage;
+                  sa.g = stg;
+                  sa.b = acc_arrays > 1 ? stg + n : nullptr;
+                  sa.stage = j == 0 ? (left == 1 ? Stage::Lone : Stage::First)
+                                    : (j == 3 || left == 1 ? Stage::Last : Stage::Mid);
+                }
                 kernels::backward_rows<Isa, T, 1, kC, kS, kDx, (kPg > 0), (kPg > 1), kSt>(
-                    args, gamma, n, dg_acc, db_acc, second(q.dy, r, 1), second(q.x, r, 1));
+                    args, gamma, n, dg_acc, db_acc, second(q.dy, r, 1), second(q.x, r, 1), sa);
               }
               if (kSt) Isa::fence();
             };
@@ -763,13 +780,14 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                 for (Index c = c0; c < c1; ++c) {
                   double* base = acc.data() + c * acc_arrays * n;
                   do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
-                          acc_arrays > 1 ? base + n : nullptr);
+                          acc_arrays > 1 ? base + n : nullptr,
+                          kStage ? stage_buf.data() + c * acc_arrays * n : nullptr);
                 }
               });
             } else {
               const Eigen::TensorOpCost cost(2.0 * bytes, bytes, 6.0 * static_cast<double>(n));
               parallel_for<Isa>(device, rows, cost,
-                           [&](Index r0, Index r1) { do_rows(r0, r1, nullptr, nullptr); });
+                           [&](Index r0, Index r1) { do_rows(r0, r1, nullptr, nullptr, nullptr); });
             }
           }
         });
