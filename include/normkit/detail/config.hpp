@@ -33,10 +33,17 @@
 #endif
 
 // A function kept out of line (out of the flattened hot regions, simd/target.hpp).
+// NORMKIT_INLINE: a per-packet helper always inlined (narrow storage's loads and stores,
+// detail/narrow.hpp NarrowIo): in a large translation unit g++ stops inlining plain
+// `inline` functions once the unit has grown past its limits, and which calls stay calls
+// then differs between instantiations (see simd/target.hpp); with dispatch, flatten
+// inlines them anyway.
 #if defined(__GNUC__) || defined(__clang__)
 #define NORMKIT_NOINLINE __attribute__((noinline))
+#define NORMKIT_INLINE __attribute__((always_inline)) inline
 #else
 #define NORMKIT_NOINLINE
+#define NORMKIT_INLINE inline
 #endif
 
 // NORMKIT_ISA: the widest backend the compiler's target flags allow (compile-time

@@ -54,7 +54,7 @@ template <class Isa, class T>
 struct NarrowIo {
   using N = typename Isa::Narrow;
   using V = typename Isa::template Pack<float>::V;
-  static V load(const T* p) {
+  static NORMKIT_INLINE V load(const T* p) {
     const auto* q = reinterpret_cast<const std::uint16_t*>(p);
     if constexpr (std::is_same<T, Eigen::bfloat16>::value)
       return N::widen_bf16(q);
@@ -63,7 +63,7 @@ struct NarrowIo {
   }
   // Stream: a non-temporal store (p aligned to the packet's W elements of T).
   template <bool Stream = false>
-  static void store(T* p, const V& v) {
+  static NORMKIT_INLINE void store(T* p, const V& v) {
     auto* q = reinterpret_cast<std::uint16_t*>(p);
     if constexpr (std::is_same<T, Eigen::bfloat16>::value)
       N::template narrow_bf16<Stream>(q, v);

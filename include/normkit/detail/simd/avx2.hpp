@@ -84,22 +84,22 @@ struct Acc : Pack<double> {
 struct Narrow {
   static constexpr std::size_t W = 8;
   using F = Pack<float>::V;
-  static NORMKIT_AVX2_FN __m128i load8(const std::uint16_t* p) {
+  static NORMKIT_AVX2_NARROW_FN __m128i load8(const std::uint16_t* p) {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   }
   // Stream: a non-temporal store (p 16-byte aligned).
   template <bool Stream = false>
-  static NORMKIT_AVX2_FN void store8(std::uint16_t* p, __m128i v) {
+  static NORMKIT_AVX2_NARROW_FN void store8(std::uint16_t* p, __m128i v) {
     if (Stream)
       _mm_stream_si128(reinterpret_cast<__m128i*>(p), v);
     else
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v);
   }
-  static NORMKIT_AVX2_FN F widen_bf16(const std::uint16_t* p) {
+  static NORMKIT_AVX2_NARROW_FN F widen_bf16(const std::uint16_t* p) {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8(p)), 16))};
   }
   // The rounded patterns in the low 16 bits of each 32-bit lane.
-  static NORMKIT_AVX2_FN __m256i bf16_bits(const F& a) {
+  static NORMKIT_AVX2_NARROW_FN __m256i bf16_bits(const F& a) {
     const __m256i b = _mm256_castps_si256(a.v);
     const __m256i hi = _mm256_srli_epi32(b, 16);
     const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -111,15 +111,15 @@ struct Narrow {
     return _mm256_blendv_epi8(r, qnan, nan);
   }
   template <bool Stream = false>
-  static NORMKIT_AVX2_FN void narrow_bf16(std::uint16_t* p, const F& a) {
+  static NORMKIT_AVX2_NARROW_FN void narrow_bf16(std::uint16_t* p, const F& a) {
     const __m256i r = bf16_bits(a);
     // packus works within 128-bit halves: lanes 0-3 land in quadword 0, 4-7 in 2.
     const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     store8<Stream>(p, _mm256_castsi256_si128(pk));
   }
-  static NORMKIT_AVX2_FN F widen_half(const std::uint16_t* p) { return {_mm256_cvtph_ps(load8(p))}; }
+  static NORMKIT_AVX2_NARROW_FN F widen_half(const std::uint16_t* p) { return {_mm256_cvtph_ps(load8(p))}; }
   template <bool Stream = false>
-  static NORMKIT_AVX2_FN void narrow_half(std::uint16_t* p, const F& a) {
+  static NORMKIT_AVX2_NARROW_FN void narrow_half(std::uint16_t* p, const F& a) {
     store8<Stream>(p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };

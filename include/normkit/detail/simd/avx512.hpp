@@ -98,23 +98,23 @@ struct Acc : Pack<double> {
 struct Narrow {
   static constexpr std::size_t W = 16;
   using F = Pack<float>::V;
-  static NORMKIT_AVX512_FN __m256i load16(const std::uint16_t* p) {
+  static NORMKIT_AVX512_NARROW_FN __m256i load16(const std::uint16_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
   // Stream: a non-temporal store (p 32-byte aligned).
   template <bool Stream = false>
-  static NORMKIT_AVX512_FN void store16(std::uint16_t* p, __m256i v) {
+  static NORMKIT_AVX512_NARROW_FN void store16(std::uint16_t* p, __m256i v) {
     if (Stream)
       _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
     else
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
-  static NORMKIT_AVX512_FN F widen_bf16(const std::uint16_t* p) {
+  static NORMKIT_AVX512_NARROW_FN F widen_bf16(const std::uint16_t* p) {
     const __m512i w = _mm512_maskz_cvtepu16_epi32(0xFFFF, load16(p));
     return {_mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, w, 16))};
   }
   // The rounded patterns in the low 16 bits of each 32-bit lane.
-  static NORMKIT_AVX512_FN __m512i bf16_integer(const F& a) {
+  static NORMKIT_AVX512_NARROW_FN __m512i bf16_integer(const F& a) {
     const __m512i b = _mm512_castps_si512(a.v);
     const __m512i hi = _mm512_maskz_srli_epi32(0xFFFF, b, 16);
     const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
@@ -124,15 +124,20 @@ struct Narrow {
                                          _mm512_set1_epi32(0x7fc0));
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), qnan);
   }
-  static NORMKIT_AVX512_FN __m256i bf16_bits(const F& a) {
+  static NORMKIT_AVX512_NARROW_FN __m256i bf16_bits(const F& a) {
 #if defined(__AVX512BF16__)
     const __m256i fast = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
+#if defined(__AVX512DQ__)
+    // One classification: QNaN (0x01), SNaN (0x80), denormal (0x20).
+    const __mmask16 fix = _mm512_fpclass_ps_mask(a.v, 0x01 | 0x80 | 0x20);
+#else
     // |x| bits - 1 < 0x7fffff: a nonzero denormal; |x| bits > 0x7f800000: NaN.
     const __m512i mag = _mm512_and_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(0x7fffffff));
     const __mmask16 den = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
                                                   _mm512_set1_epi32(0x7fffff));
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
     const __mmask16 fix = static_cast<__mmask16>(den | nan);
+#endif
     if (fix == 0) return fast;
     // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
     // move of 16-bit lanes would need AVX-512BW).
@@ -143,14 +148,14 @@ struct Narrow {
 #endif
   }
   template <bool Stream = false>
-  static NORMKIT_AVX512_FN void narrow_bf16(std::uint16_t* p, const F& a) {
+  static NORMKIT_AVX512_NARROW_FN void narrow_bf16(std::uint16_t* p, const F& a) {
     store16<Stream>(p, bf16_bits(a));
   }
-  static NORMKIT_AVX512_FN F widen_half(const std::uint16_t* p) {
+  static NORMKIT_AVX512_NARROW_FN F widen_half(const std::uint16_t* p) {
     return {_mm512_maskz_cvtph_ps(0xFFFF, load16(p))};
   }
   template <bool Stream = false>
-  static NORMKIT_AVX512_FN void narrow_half(std::uint16_t* p, const F& a) {
+  static NORMKIT_AVX512_NARROW_FN void narrow_half(std::uint16_t* p, const F& a) {
     store16<Stream>(p, _mm512_maskz_cvtps_ph(0xFFFF, a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
