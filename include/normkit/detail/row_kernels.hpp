@@ -471,89 +471,40 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
 }
 
 // Backward, first pass over a row: sum_g = sum_i g_i and sum_gx = sum_i g_i * xhat_i,
-// with g = dy * scale, each term (rounded in T) added in double. pf, pf2: prefetched at
-// dy's and x's offsets.
-template <class Isa, class T, bool Center, ScaleKind S>
-inline void backward_sums_exact(const T* dy, const T* x, const T* gamma, Index n,
-                          const RowAffine<T>& r, double& sum_g, double& sum_gx,
-                          Prefetch pf = {}, Prefetch pf2 = {}) {
+// with g = dy * scale, in double. pf, pf2: prefetched at dy's and x's offsets.
+// Trees (float data on a vector backend, see backward_sums): blocks of 16 packets are
+// summed first in float trees (g, and g * xhat: pairs as one fmadd, then 3 levels of
+// adds: at most 4 roundings of 2^-24 added to each term, as the forward statistics'
+// tree_sums), then widened and added in double. Without, each term (rounded in T) is
+// widened and added in double.
+template <class Isa, class T, bool Center, ScaleKind S, bool Trees>
+inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
+                               const RowAffine<T>& r, double& sum_g, double& sum_gx,
+                               Prefetch pf, Prefetch pf2) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
+  using V = typename P::V;
   using X = Xhat<Isa, T, Center>;
   using G = Scale<Isa, T, S>;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr int K = static_cast<int>(P::W / A::W);
   typename A::V ag[K], agx[K];
-  for (int k = 0; k < K; ++k) {
-    ag[k] = A::zero();
-    agx[k] = A::zero();
-  }
+  for (int k = 0; k < K; ++k) ag[k] = agx[k] = A::zero();
+  auto flush = [&](const V& tg, const V& tgx) {
+    int k = 0;
+    P::widen(tg, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
+    k = 0;
+    P::widen(tgx, [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
+  };
   const X xhat(r);
   const G scale{};
+  auto g_at = [&](Index j) {
+    const V d = P::load(dy + j);
+    return S != ScaleKind::None ? P::mul(d, scale(gamma + j)) : d;
+  };
   Index i = 0;
-  for (; i + W <= n; i += W) {
-    pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    pf2.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    typename P::V g = P::load(dy + i);
-    if (S != ScaleKind::None) g = P::mul(g, scale(gamma + i));
-    typename P::V xh = xhat(P::load(x + i));
-    int k = 0;
-    P::widen(g, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
-    k = 0;
-    P::widen(P::mul(g, xh), [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
-  }
-  double tg = 0.0, tgx = 0.0;
-  for (; i < n; ++i) {
-    T g = dy[i];
-    if (S != ScaleKind::None) g *= G::scalar(gamma + i);
-    tg += static_cast<double>(g);
-    tgx += static_cast<double>(g * X::scalar(r, x[i]));
-  }
-  for (int k = 1; k < K; ++k) {
-    ag[0] = A::add(ag[0], ag[k]);
-    agx[0] = A::add(agx[0], agx[k]);
-  }
-  sum_g = A::reduce(ag[0]) + tg;
-  sum_gx = A::reduce(agx[0]) + tgx;
-}
-
-// The first pass as backward_sums_exact, with the terms of float data on a vector
-// backend summed first in float trees of 16 packets (g, and g * xhat: pairs as one fmadd,
-// then 3 levels of adds: at most 4 roundings of 2^-24 added to each term, as the forward
-// statistics' tree_sums), then widened and accumulated in double: the widening and the
-// double adds, 10 of 15 vector operations per packet, fall to one per tree. Where the
-// data are in cache the pass is bound by that work (Zen 4's AVX-512: 0.40 of the
-// roofline for LayerNorm backward at [64, 4096] before). A tree that overflows float
-// leaves an Inf or NaN in a sum; such a row (or one with Inf or NaN in its data) is
-// summed again by backward_sums_exact, so that only real non-finite data poison it.
-template <class Isa, class T, bool Center, ScaleKind S>
-inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
-                          const RowAffine<T>& r, double& sum_g, double& sum_gx,
-                          Prefetch pf = {}, Prefetch pf2 = {}) {
-  using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
-  if constexpr (P::W > A::W) {
-    using V = typename P::V;
-    using X = Xhat<Isa, T, Center>;
-    using G = Scale<Isa, T, S>;
-    constexpr Index W = static_cast<Index>(P::W);
-    constexpr int K = static_cast<int>(P::W / A::W);
+  if constexpr (Trees) {
     constexpr int B = 16;
-    typename A::V ag[K], agx[K];
-    for (int k = 0; k < K; ++k) ag[k] = agx[k] = A::zero();
-    auto flush = [&](const V& tg, const V& tgx) {
-      int k = 0;
-      P::widen(tg, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
-      k = 0;
-      P::widen(tgx, [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
-    };
-    const X xhat(r);
-    const G scale{};
-    auto g_at = [&](Index j) {
-      const V d = P::load(dy + j);
-      return S != ScaleKind::None ? P::mul(d, scale(gamma + j)) : d;
-    };
-    Index i = 0;
     for (; i + B * W <= n; i += B * W) {
       pf.template at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
       pf2.template at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
@@ -571,26 +522,44 @@ inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
         }
       flush(tg[0], tgx[0]);
     }
-    for (; i + W <= n; i += W) {
-      const V g = g_at(i);
-      flush(g, P::mul(g, xhat(P::load(x + i))));
-    }
-    double tsg = 0.0, tsgx = 0.0;
-    for (; i < n; ++i) {
-      T g = dy[i];
-      if (S != ScaleKind::None) g *= G::scalar(gamma + i);
-      tsg += static_cast<double>(g);
-      tsgx += static_cast<double>(g * X::scalar(r, x[i]));
-    }
-    for (int k = 1; k < K; ++k) {
-      ag[0] = A::add(ag[0], ag[k]);
-      agx[0] = A::add(agx[0], agx[k]);
-    }
-    sum_g = A::reduce(ag[0]) + tsg;
-    sum_gx = A::reduce(agx[0]) + tsgx;
+  }
+  for (; i + W <= n; i += W) {
+    pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    const V g = g_at(i);
+    flush(g, P::mul(g, xhat(P::load(x + i))));
+  }
+  double tg = 0.0, tgx = 0.0;
+  for (; i < n; ++i) {
+    T g = dy[i];
+    if (S != ScaleKind::None) g *= G::scalar(gamma + i);
+    tg += static_cast<double>(g);
+    tgx += static_cast<double>(g * X::scalar(r, x[i]));
+  }
+  for (int k = 1; k < K; ++k) {
+    ag[0] = A::add(ag[0], ag[k]);
+    agx[0] = A::add(agx[0], agx[k]);
+  }
+  sum_g = A::reduce(ag[0]) + tg;
+  sum_gx = A::reduce(agx[0]) + tgx;
+}
+
+// The first pass, with trees where float packets widen into double ones: the widening
+// and the double adds, 10 of 15 vector operations per packet, fall to one per tree. Where
+// the data are in cache the pass is bound by that work (Zen 4's AVX-512: LayerNorm
+// backward at [64, 4096] 0.20 -> 0.23-0.29 of the roofline with the trees). A tree that
+// overflows float leaves an Inf or NaN in a sum; such a row (or one with Inf or NaN in its
+// data) is summed again without trees, so that only real non-finite data poison it.
+template <class Isa, class T, bool Center, ScaleKind S>
+inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
+                          const RowAffine<T>& r, double& sum_g, double& sum_gx,
+                          Prefetch pf = {}, Prefetch pf2 = {}) {
+  using P = typename Isa::template Pack<T>;
+  if constexpr (P::W > Isa::Acc::W) {
+    backward_sums_impl<Isa, T, Center, S, true>(dy, x, gamma, n, r, sum_g, sum_gx, pf, pf2);
     if (std::isfinite(sum_g) && std::isfinite(sum_gx)) return;
   }
-  backward_sums_exact<Isa, T, Center, S>(dy, x, gamma, n, r, sum_g, sum_gx, pf, pf2);
+  backward_sums_impl<Isa, T, Center, S, false>(dy, x, gamma, n, r, sum_g, sum_gx, pf, pf2);
 }
 
 // Backward, second pass over R rows at once (R = 1, 2 or 4):
