@@ -470,6 +470,11 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
   for (; i < n; ++i) scalar_at(i);
 }
 
+// Whether T's packets widen into more than one double packet (float on a vector
+// backend): where the backward kernels sum in float before the double (trees, stages).
+template <class Isa, class T>
+constexpr bool kWidens = Isa::template Pack<T>::W > Isa::Acc::W;
+
 // Backward, first pass over a row: sum_g = sum_i g_i and sum_gx = sum_i g_i * xhat_i,
 // with g = dy * scale, in double. pf, pf2: prefetched at dy's and x's offsets.
 // Trees (float data on a vector backend, see backward_sums): blocks of 16 packets are
@@ -554,8 +559,7 @@ template <class Isa, class T, bool Center, ScaleKind S>
 inline void backward_sums(const T* dy, const T* x, const T* gamma, Index n,
                           const RowAffine<T>& r, double& sum_g, double& sum_gx,
                           Prefetch pf = {}, Prefetch pf2 = {}) {
-  using P = typename Isa::template Pack<T>;
-  if constexpr (P::W > Isa::Acc::W) {
+  if constexpr (kWidens<Isa, T>) {
     backward_sums_impl<Isa, T, Center, S, true>(dy, x, gamma, n, r, sum_g, sum_gx, pf, pf2);
     if (std::isfinite(sum_g) && std::isfinite(sum_gx)) return;
   }

@@ -685,8 +685,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   std::vector<double> acc(static_cast<std::size_t>(chunks * acc_arrays * n), 0.0);
   // Per-chunk stages in T for rows walked one at a time (kernels::StagedAcc), on vector
   // backends for float (where the widening to double is the cost).
-  using Pk = typename Isa::template Pack<T>;
-  constexpr bool kStage = Pk::W > Isa::Acc::W;
+  constexpr bool kStage = kernels::kWidens<Isa, T>;
   std::vector<T> stage_buf(kStage ? static_cast<std::size_t>(chunks * acc_arrays * n) : 0);
 
   constexpr bool kC = Center;
