@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "row_kernels.hpp"
 
@@ -252,52 +253,29 @@ template <class Isa, class T>
 inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sdy,
                               double& sdyx, Prefetch pf = {}, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
   using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = static_cast<int>(P::W / A::W);
   constexpr int B = 8;
-  typename A::V a1[K], a2[K];
-  for (int k = 0; k < K; ++k) a1[k] = a2[k] = A::zero();
-  auto flush = [&](const V& t1, const V& t2) {
-    int k = 0;
-    P::widen(t1, [&](const typename A::V& v) { a1[k] = A::add(a1[k], v); ++k; });
-    k = 0;
-    P::widen(t2, [&](const typename A::V& v) { a2[k] = A::add(a2[k], v); ++k; });
-  };
   const V vh = P::set1(hi);
-  Index i = 0;
-  for (; i + B * W <= n; i += B * W) {
-    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V d[B], xc[B], t[B / 2], q[B / 2];
-    for (int b = 0; b < B; ++b) {
-      d[b] = P::load(dy + i + b * W);
-      xc[b] = P::sub(P::load(x + i + b * W), vh);
-    }
-    for (int b = 0; b < B / 2; ++b) {
-      t[b] = P::add(d[2 * b], d[2 * b + 1]);
-      q[b] = P::fmadd(d[2 * b + 1], xc[2 * b + 1], P::mul(d[2 * b], xc[2 * b]));
-    }
-    t[0] = P::add(P::add(t[0], t[1]), P::add(t[2], t[3]));
-    q[0] = P::add(P::add(q[0], q[1]), P::add(q[2], q[3]));
-    flush(t[0], q[0]);
-  }
-  for (; i + W <= n; i += W) {
-    const V d = P::load(dy + i);
-    flush(d, P::mul(d, P::sub(P::load(x + i), vh)));
-  }
+  double v1 = 0.0, v2 = 0.0;
+  const Index i0 = product_tree_sums<Isa, T, B, true>(
+      n,
+      [&](Index j, V& a, V& b) {
+        a = P::load(dy + j);
+        b = P::sub(P::load(x + j), vh);
+      },
+      [&](Index j) {
+        pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+        pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+      },
+      v1, v2);
   double t1 = 0.0, t2 = 0.0;
-  for (; i < n; ++i) {
+  for (Index i = i0; i < n; ++i) {
     t1 += static_cast<double>(dy[i]);
     t2 += static_cast<double>(dy[i] * (x[i] - hi));
   }
-  for (int k = 1; k < K; ++k) {
-    a1[0] = A::add(a1[0], a1[k]);
-    a2[0] = A::add(a2[0], a2[k]);
-  }
-  sdy = A::reduce(a1[0]) + t1;
-  sdyx = A::reduce(a2[0]) + t2;
+  sdy = v1 + t1;
+  sdyx = v2 + t2;
 }
 
 // Column form of blocked_sums over `rows` rows of C elements, ld apart, added to s and

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace normkit {
@@ -223,6 +224,75 @@ inline double sum_squares(const T* x, Index n, double scale) {
   return A::reduce(a[0]) + t;
 }
 
+// Sums of a and a * b over the whole packets of [0, n) (W values each) in float trees,
+// widened once per tree and accumulated in double: term(j, a, b) sets the packets of a
+// term a and its weight b at element j (out-parameters: returned as a struct, g++ 12 left
+// both on the stack). Blocks of B packets (pairs as a + a' and fmadd(a', b', a * b), then
+// log2(B / 2) levels of adds: at most 2 + log2(B / 2) roundings of 2^-24 added to a term),
+// then the packets left in trees of B/2, B/4, ..., 1 (widened packet by packet, a
+// BatchNorm segment of 196 values, 12 packets and no whole tree of 16, spent most of its
+// time in the double additions' dependency chains). WantA = false: sum a is not taken.
+// at_block(j) runs before each block of B (the prefetches). Returns the first element
+// after the last whole packet; sa, sab receive the sums.
+template <class Isa, class T, int B, bool WantA, class Term, class AtBlock>
+inline Index product_tree_sums(Index n, const Term& term, const AtBlock& at_block, double& sa,
+                               double& sab) {
+  using P = typename Isa::template Pack<T>;
+  using A = typename Isa::Acc;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  constexpr int K = static_cast<int>(P::W / A::W);
+  typename A::V aa[K], ab[K];
+  for (int k = 0; k < K; ++k) aa[k] = ab[k] = A::zero();
+  Index i = 0;
+  auto tree = [&](auto Lc) {
+    constexpr int L = decltype(Lc)::value;
+    V t[L], q[L];
+    if constexpr (L == 1) {
+      V b;
+      term(i, t[0], b);
+      q[0] = P::mul(t[0], b);
+    } else {
+      // Unrolled in full, so that t and q live in registers.
+#pragma GCC unroll 16
+      for (int b = 0; b < L / 2; ++b) {
+        V ua, ub, va, vb;
+        term(i + 2 * b * W, ua, ub);
+        term(i + (2 * b + 1) * W, va, vb);
+        if (WantA) t[b] = P::add(ua, va);
+        q[b] = P::fmadd(va, vb, P::mul(ua, ub));
+      }
+#pragma GCC unroll 4
+      for (int w = L / 4; w >= 1; w /= 2)
+#pragma GCC unroll 16
+        for (int b = 0; b < w; ++b) {
+          if (WantA) t[b] = P::add(t[b], t[b + w]);
+          q[b] = P::add(q[b], q[b + w]);
+        }
+    }
+    int k = 0;
+    if (WantA) P::widen(t[0], [&](const typename A::V& v) { aa[k] = A::add(aa[k], v); ++k; });
+    k = 0;
+    P::widen(q[0], [&](const typename A::V& v) { ab[k] = A::add(ab[k], v); ++k; });
+    i += L * W;
+  };
+  for (; i + B * W <= n;) {
+    at_block(i);
+    tree(std::integral_constant<int, B>{});
+  }
+  if constexpr (B > 8) if (i + 8 * W <= n) tree(std::integral_constant<int, 8>{});
+  if constexpr (B > 4) if (i + 4 * W <= n) tree(std::integral_constant<int, 4>{});
+  if constexpr (B > 2) if (i + 2 * W <= n) tree(std::integral_constant<int, 2>{});
+  if (i + W <= n) tree(std::integral_constant<int, 1>{});
+  for (int k = 1; k < K; ++k) {
+    aa[0] = A::add(aa[0], aa[k]);
+    ab[0] = A::add(ab[0], ab[k]);
+  }
+  if (WantA) sa = A::reduce(aa[0]);
+  sab = A::reduce(ab[0]);
+  return i;
+}
+
 // The fast form of the statistics of float data: d = x - shift in float, then trees of
 // 16 (segments) or 4 (columns) terms d and d*d summed in float, widened, and accumulated
 // in double. Each tree adds at most 4 roundings of 2^-24 to its terms, so the
@@ -240,55 +310,26 @@ template <class Isa, class T, bool Center, class LoadV, class LoadS>
 inline void tree_sums(Index n, T shift, const LoadV& load_v, const LoadS& load_s, double& s,
                       double& s2, Prefetch pf, Prefetch pf2 = {}) {
   using P = typename Isa::template Pack<T>;
-  using A = typename Isa::Acc;
   using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = static_cast<int>(P::W / A::W);
   constexpr int B = 16;
-  typename A::V as[K], aq[K];
-  for (int k = 0; k < K; ++k) as[k] = aq[k] = A::zero();
-  auto flush = [&](const V& ts, const V& tq) {
-    int k = 0;
-    if (Center) P::widen(ts, [&](const typename A::V& v) { as[k] = A::add(as[k], v); ++k; });
-    k = 0;
-    P::widen(tq, [&](const typename A::V& v) { aq[k] = A::add(aq[k], v); ++k; });
-  };
   const V vs = P::set1(shift);
-  auto term = [&](Index i) { return Center ? P::sub(load_v(i), vs) : load_v(i); };
-  Index i = 0;
-  for (; i + B * W <= n; i += B * W) {
-    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V t[B / 2]{}, q[B / 2];  // t: unused (and optimized away) without Center
-    for (int b = 0; b < B / 2; ++b) {
-      const V u = term(i + 2 * b * W);
-      const V v = term(i + (2 * b + 1) * W);
-      if (Center) t[b] = P::add(u, v);
-      q[b] = P::fmadd(v, v, P::mul(u, u));
-    }
-    for (int w = B / 4; w >= 1; w /= 2)
-      for (int b = 0; b < w; ++b) {
-        if (Center) t[b] = P::add(t[b], t[b + w]);
-        q[b] = P::add(q[b], q[b + w]);
-      }
-    flush(t[0], q[0]);
-  }
-  for (; i + W <= n; i += W) {
-    const V d = term(i);
-    flush(d, P::mul(d, d));
-  }
+  double vs1 = 0.0, vs2 = 0.0;
+  const Index i0 = product_tree_sums<Isa, T, B, Center>(
+      n, [&](Index j, V& a, V& b) { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); },
+      [&](Index j) {
+        pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+        pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+      },
+      vs1, vs2);
   double ts = 0.0, tq = 0.0;
-  for (; i < n; ++i) {
+  for (Index i = i0; i < n; ++i) {
     const T d = Center ? load_s(i) - shift : load_s(i);
     ts += static_cast<double>(d);
     tq += static_cast<double>(d * d);
   }
-  for (int k = 1; k < K; ++k) {
-    as[0] = A::add(as[0], as[k]);
-    aq[0] = A::add(aq[0], aq[k]);
-  }
-  if (Center) s = A::reduce(as[0]) + ts;
-  s2 = A::reduce(aq[0]) + tq;
+  if (Center) s = vs1 + ts;
+  s2 = vs2 + tq;
 }
 
 template <class Isa, class T>
@@ -508,25 +549,20 @@ inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
     return S != ScaleKind::None ? P::mul(d, scale(gamma + j)) : d;
   };
   Index i = 0;
+  double vg = 0.0, vgx = 0.0;
   if constexpr (Trees) {
     constexpr int B = 16;
-    for (; i + B * W <= n; i += B * W) {
-      pf.template at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-      pf2.template at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-      V tg[B / 2], tgx[B / 2];
-      for (int b = 0; b < B / 2; ++b) {
-        const Index j0 = i + 2 * b * W, j1 = j0 + W;
-        const V g0 = g_at(j0), g1 = g_at(j1);
-        tg[b] = P::add(g0, g1);
-        tgx[b] = P::fmadd(g1, xhat(P::load(x + j1)), P::mul(g0, xhat(P::load(x + j0))));
-      }
-      for (int w = B / 4; w >= 1; w /= 2)
-        for (int b = 0; b < w; ++b) {
-          tg[b] = P::add(tg[b], tg[b + w]);
-          tgx[b] = P::add(tgx[b], tgx[b + w]);
-        }
-      flush(tg[0], tgx[0]);
-    }
+    i = product_tree_sums<Isa, T, B, true>(
+        n,
+        [&](Index j, V& a, V& b) {
+          a = g_at(j);
+          b = xhat(P::load(x + j));
+        },
+        [&](Index j) {
+          pf.template at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+          pf2.template at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+        },
+        vg, vgx);
   }
   for (; i + W <= n; i += W) {
     pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
@@ -545,8 +581,8 @@ inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
     ag[0] = A::add(ag[0], ag[k]);
     agx[0] = A::add(agx[0], agx[k]);
   }
-  sum_g = A::reduce(ag[0]) + tg;
-  sum_gx = A::reduce(agx[0]) + tgx;
+  sum_g = A::reduce(ag[0]) + vg + tg;
+  sum_gx = A::reduce(agx[0]) + vgx + tgx;
 }
 
 // The first pass, with trees where float packets widen into double ones: the widening
