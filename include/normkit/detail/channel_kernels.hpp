@@ -68,7 +68,7 @@ Index stream_head(const T* y, Index n) {
 // y may be x.
 template <class Isa, class T, bool Vec, bool Stream, bool Prescale>
 inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, const T* A,
-                       const T* B, Prefetch pf = {}) {
+                       const T* B, const Prefetch& pf = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
@@ -100,8 +100,8 @@ inline void affine_map(const T* x, T* y, Index n, const T* hi, const T* pre, con
 // when rstd is far from 1. dx may be dy or x.
 template <class Isa, class T, bool Vec, bool Stream, bool UseX, bool Prescale = false>
 inline void dx_map(const T* dy, const T* x, T* dx, Index n, const T* hi, const T* pre,
-                   const T* A, const T* Cx, const T* D, Prefetch pf = {},
-                   Prefetch pf2 = {}) {
+                   const T* A, const T* Cx, const T* D, const Prefetch& pf = {},
+                   const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using Q = Param<Isa, T, Vec>;
   constexpr Index W = static_cast<Index>(P::W);
@@ -251,7 +251,7 @@ inline void dx_rows_kernel(const T* dy, const T* x, T* dx, Index rows, Index ld,
 // term, against the one of each product dy * xc).
 template <class Isa, class T>
 inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sdy,
-                              double& sdyx, Prefetch pf = {}, Prefetch pf2 = {}) {
+                              double& sdyx, const Prefetch& pf = {}, const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);

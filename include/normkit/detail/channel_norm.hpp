@@ -627,7 +627,7 @@ BwdCoef<T> backward_coef(double rstd, double gamma, double mg, double mgx, T lo)
 // [c0, c1) with per-channel arrays a[0..4] = hi, pre, A, Cx, D (channels last).
 template <class Isa, class T, bool Stream, bool UseX>
 void dx_segment(const T* dy, const T* x, T* dx, Index n, const T& hi, const BwdCoef<T>& k,
-                kernels::Prefetch pf = {}, kernels::Prefetch pf2 = {}) {
+                const kernels::Prefetch& pf = {}, const kernels::Prefetch& pf2 = {}) {
   if (UseX && k.wide)
     kernels::dx_map<Isa, T, false, Stream, true, true>(dy, x, dx, n, &hi, &k.pre, &k.a, &k.cx,
                                                         &k.d, pf, pf2);
@@ -701,7 +701,7 @@ void update_running(const Spec& spec, const Running<T>& run, const Geo& g,
 
 template <class Isa, class T, bool Stream>
 void normalize_segment(const T* x, T* y, Index n, const FwdCoef<T>& k,
-                       kernels::Prefetch pf = {}) {
+                       const kernels::Prefetch& pf = {}) {
   if (k.wide)
     kernels::affine_map<Isa, T, false, Stream, true>(x, y, n, &k.hi, &k.pre, &k.a, &k.b, pf);
   else

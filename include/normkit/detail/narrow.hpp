@@ -122,7 +122,8 @@ inline void narrow_row_weighted(const float* xhat, const float* w, T* dst, Index
 // The float-tree sums of a narrow row (kernels::tree_sums on its widened elements): the
 // same bits as blocked_sums / blocked_sum_squares over the row widened into floats.
 template <class Isa, class T, bool Center>
-inline void narrow_tree_sums(const T* x, Index n, float shift, double& s, double& s2, Prefetch pf) {
+inline void narrow_tree_sums(const T* x, Index n, float shift, double& s, double& s2,
+                             const Prefetch& pf) {
   tree_sums<Isa, float, Center>(
       n, shift, [x](Index i) { return NarrowIo<Isa, T>::load(x + i); },
       [x](Index i) { return static_cast<float>(x[i]); }, s, s2, pf);
@@ -135,7 +136,8 @@ inline void narrow_tree_sums(const T* x, Index n, float shift, double& s, double
 // fetched into L2 as normalize does.
 template <class Isa, class T, bool Center, ScaleKind S, bool Shift, bool Stream>
 inline void normalize_narrow(const T* x, T* y, Index n, const RowAffine<float>& r,
-                             const float* gamma, const float* beta, const float* w, Prefetch pf) {
+                             const float* gamma, const float* beta, const float* w,
+                             const Prefetch& pf) {
   using P = typename Isa::template Pack<float>;
   using IO = NarrowIo<Isa, T>;
   constexpr Index W = static_cast<Index>(P::W);

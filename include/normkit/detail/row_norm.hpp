@@ -450,8 +450,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
             // copy: the fused residual's s, written from the scratch row xr beside y.
             // pf: a later row, fetched into L2 while this one is normalized.
             auto norm_row = [&](Index r, const T* xr, const RowStat* pre = nullptr,
-                                T* copy = nullptr, kernels::Prefetch pf = {},
-                                kernels::Prefetch pf2 = {}) {
+                                T* copy = nullptr, const kernels::Prefetch& pf = {},
+                                const kernels::Prefetch& pf2 = {}) {
               T* yr = q.y + r * n;
               const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
               const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
