@@ -254,7 +254,6 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sd
                               double& sdyx, const Prefetch& pf = {}, const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using V = typename P::V;
-  constexpr Index W = static_cast<Index>(P::W);
   constexpr int B = 8;
   const V vh = P::set1(hi);
   double v1 = 0.0, v2 = 0.0;
@@ -264,11 +263,7 @@ inline void segment_grad_sums(const T* dy, const T* x, Index n, T hi, double& sd
         a = P::load(dy + j);
         b = P::sub(P::load(x + j), vh);
       },
-      [&](Index j) {
-        pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-        pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-      },
-      v1, v2);
+      pf, pf2, v1, v2);
   double t1 = 0.0, t2 = 0.0;
   for (Index i = i0; i < n; ++i) {
     t1 += static_cast<double>(dy[i]);

@@ -236,11 +236,11 @@ inline double sum_squares(const T* x, Index n, double scale) {
 // then the packets left in trees of B/2, B/4, ..., 1 (widened packet by packet, a
 // BatchNorm segment of 196 values, 12 packets and no whole tree of 16, spent most of its
 // time in the double additions' dependency chains). WantA = false: sum a is not taken.
-// at_block(j) runs before each block of B (the prefetches). Returns the first element
+// pf, pf2: prefetched at the terms' offsets, block by block. Returns the first element
 // after the last whole packet; sa, sab receive the sums.
-template <class Isa, class T, int B, bool WantA, class Term, class AtBlock>
-inline Index product_tree_sums(Index n, const Term& term, const AtBlock& at_block, double& sa,
-                               double& sab) {
+template <class Isa, class T, int B, bool WantA, class Term>
+inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
+                               const Prefetch& pf2, double& sa, double& sab) {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using V = typename P::V;
@@ -281,7 +281,8 @@ inline Index product_tree_sums(Index n, const Term& term, const AtBlock& at_bloc
     i += L * W;
   };
   for (; i + B * W <= n;) {
-    at_block(i);
+    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     tree(std::integral_constant<int, B>{});
   }
   if constexpr (B > 8) if (i + 8 * W <= n) tree(std::integral_constant<int, 8>{});
@@ -315,17 +316,12 @@ inline void tree_sums(Index n, T shift, const LoadV& load_v, const LoadS& load_s
                       double& s2, const Prefetch& pf, const Prefetch& pf2 = {}) {
   using P = typename Isa::template Pack<T>;
   using V = typename P::V;
-  constexpr Index W = static_cast<Index>(P::W);
   constexpr int B = 16;
   const V vs = P::set1(shift);
   double vs1 = 0.0, vs2 = 0.0;
   const Index i0 = product_tree_sums<Isa, T, B, Center>(
-      n, [&](Index j, V& a, V& b) { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); },
-      [&](Index j) {
-        pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-        pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-      },
-      vs1, vs2);
+      n, [&](Index j, V& a, V& b) { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); }, pf,
+      pf2, vs1, vs2);
   double ts = 0.0, tq = 0.0;
   for (Index i = i0; i < n; ++i) {
     const T d = Center ? load_s(i) - shift : load_s(i);
@@ -539,14 +535,6 @@ inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
   using G = Scale<Isa, T, S>;
   constexpr Index W = static_cast<Index>(P::W);
   constexpr int K = static_cast<int>(P::W / A::W);
-  typename A::V ag[K], agx[K];
-  for (int k = 0; k < K; ++k) ag[k] = agx[k] = A::zero();
-  auto flush = [&](const V& tg, const V& tgx) {
-    int k = 0;
-    P::widen(tg, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
-    k = 0;
-    P::widen(tgx, [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
-  };
   const X xhat(r);
   const G scale{};
   auto g_at = [&](Index j) {
@@ -556,24 +544,32 @@ inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
   Index i = 0;
   double vg = 0.0, vgx = 0.0;
   if constexpr (Trees) {
-    constexpr int B = 16;
-    i = product_tree_sums<Isa, T, B, true>(
+    i = product_tree_sums<Isa, T, 16, true>(
         n,
         [&](Index j, V& a, V& b) {
           a = g_at(j);
           b = xhat(P::load(x + j));
         },
-        [&](Index j) {
-          pf.template at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-          pf2.template at<B * W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
-        },
-        vg, vgx);
-  }
-  for (; i + W <= n; i += W) {
-    pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    pf2.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    const V g = g_at(i);
-    flush(g, P::mul(g, xhat(P::load(x + i))));
+        pf, pf2, vg, vgx);
+  } else {
+    typename A::V ag[K], agx[K];
+    for (int k = 0; k < K; ++k) ag[k] = agx[k] = A::zero();
+    for (; i + W <= n; i += W) {
+      pf.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+      pf2.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+      const V g = g_at(i);
+      const V gx = P::mul(g, xhat(P::load(x + i)));
+      int k = 0;
+      P::widen(g, [&](const typename A::V& v) { ag[k] = A::add(ag[k], v); ++k; });
+      k = 0;
+      P::widen(gx, [&](const typename A::V& v) { agx[k] = A::add(agx[k], v); ++k; });
+    }
+    for (int k = 1; k < K; ++k) {
+      ag[0] = A::add(ag[0], ag[k]);
+      agx[0] = A::add(agx[0], agx[k]);
+    }
+    vg = A::reduce(ag[0]);
+    vgx = A::reduce(agx[0]);
   }
   double tg = 0.0, tgx = 0.0;
   for (; i < n; ++i) {
@@ -582,12 +578,8 @@ inline void backward_sums_impl(const T* dy, const T* x, const T* gamma, Index n,
     tg += static_cast<double>(g);
     tgx += static_cast<double>(g * X::scalar(r, x[i]));
   }
-  for (int k = 1; k < K; ++k) {
-    ag[0] = A::add(ag[0], ag[k]);
-    agx[0] = A::add(agx[0], agx[k]);
-  }
-  sum_g = A::reduce(ag[0]) + vg + tg;
-  sum_gx = A::reduce(agx[0]) + vgx + tgx;
+  sum_g = vg + tg;
+  sum_gx = vgx + tgx;
 }
 
 // The first pass, with trees where float packets widen into double ones: the widening
