@@ -343,6 +343,89 @@ inline void add_stream(const float* a, const float* bsrc, float* dst, Index n, i
 }
 
 // ---------------------------------------------------------------------------------
+// The two-pass pattern (AVX-512 builds): the memory traffic of a row norm with nothing
+// else. A row norm must read a whole row before it writes any of it (its statistics come
+// first), so x is read twice, the second time from cache. Per row: pass 1 sums the row
+// (forward: x; backward: dy and x) in four independent chains; pass 2 writes y = x * c
+// (forward) or dx = dy * c + x (backward) from the row in cache, with non-temporal stores
+// where normkit streams (outputs of NORMKIT_STREAM_MIN_BYTES, 8 MiB, or more), and
+// prefetches a later row into L2 (rows kPatternAheadBytes past the current one, as
+// normkit's forward does). No statistics, parameters or special cases: what it moves in a
+// given time bounds what any two-pass kernel can move, and normkit's speed over it (the
+// baselines table, "pattern_layer_norm" and "pattern_rms_norm") is the share of that
+// bound it reaches.
+#if defined(__AVX512F__)
+constexpr Index kPatternAheadBytes = 8192;
+constexpr std::size_t kPatternStreamBytes = std::size_t{8} << 20;
+
+// Pass 1 over k rows' worth of arrays a[0..k) at one row (n floats): their sum.
+inline float pattern_sum(const float* const* a, int k, Index n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  float tail = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const float* p = a[j];
+    Index i = 0;
+    for (; i + 64 <= n; i += 64) {
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p + i + 16));
+      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p + i + 32));
+      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
+    }
+    for (; i < n; ++i) tail += p[i];
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) + tail;
+}
+
+// Pass 2: out = a * c (+ b if b), the lines of next (n floats per array in nexts[0..k))
+// prefetched into L2 one per packet written.
+template <bool Stream>
+void pattern_write(const float* a, const float* b, float* out, Index n, float c,
+                   const float* const* nexts, int k) {
+  const __m512 vc = _mm512_set1_ps(c);
+  Index i = 0;
+  if (Stream)
+    for (; i < n && reinterpret_cast<std::uintptr_t>(out + i) % 64 != 0; ++i)
+      out[i] = a[i] * c + (b ? b[i] : 0.0f);
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < k; ++j) _mm_prefetch(reinterpret_cast<const char*>(nexts[j] + i), _MM_HINT_T1);
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a + i), vc);
+    if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + i));
+    if (Stream)
+      _mm512_stream_ps(out + i, v);
+    else
+      _mm512_storeu_ps(out + i, v);
+  }
+  for (; i < n; ++i) out[i] = a[i] * c + (b ? b[i] : 0.0f);
+}
+
+// Rows [0, rows) of n floats: forward (dy == nullptr: y = f(x)) or backward (dx = f(dy, x)).
+inline void two_pass_pattern(const float* dy, const float* x, float* out, Index rows, Index n,
+                             int threads) {
+  const bool stream = static_cast<std::size_t>(rows * n) * sizeof(float) >= kPatternStreamBytes;
+  const Index row_bytes = std::max<Index>(1, n * static_cast<Index>(sizeof(float)));
+  const Index ahead = std::max<Index>(0, (kPatternAheadBytes + row_bytes - 1) / row_bytes - 1);
+  split_run(threads, rows, [&](Index r0, Index r1) {
+    for (Index r = r0; r < r1; ++r) {
+      const float* xr = x + r * n;
+      const float* dyr = dy ? dy + r * n : nullptr;
+      const float* both[2] = {xr, dyr};
+      const float c = 1.0f / (1.0f + std::fabs(pattern_sum(both, dy ? 2 : 1, n)));
+      const Index next = std::min(r + 1 + ahead, r1 - 1);
+      const float* nexts[2] = {x + next * n, dy ? dy + next * n : nullptr};
+      // forward: y = x c; backward: dx = dy c + x.
+      const float* a = dy ? dyr : xr;
+      const float* b = dy ? xr : nullptr;
+      if (stream)
+        pattern_write<true>(a, b, out + r * n, n, c, nexts, dy ? 2 : 1);
+      else
+        pattern_write<false>(a, b, out + r * n, n, c, nexts, dy ? 2 : 1);
+    }
+    if (stream) _mm_sfence();
+  });
+}
+#endif
+
+// ---------------------------------------------------------------------------------
 // Registration with metadata.
 
 enum class Kind { Kernel, Baseline, Roofline };
@@ -430,6 +513,26 @@ inline void register_rooflines(const Shape& s, int t) {
     Workspace& w = workspace(s);
     add_stream(w.x.data(), w.dy.data(), w.dx.data(), n, t);
   });
+}
+
+// The two-pass pattern at one shape and thread count, both directions, as the baseline
+// "pattern_<vs>" of the normkit op vs (the baselines table gives normkit's speed over
+// it); AVX-512 builds.
+inline void register_pattern(const Shape& s, int t, const std::string& vs) {
+#if defined(__AVX512F__)
+  add_bench({"pattern_" + vs, Kind::Baseline, Dir::Fwd, s, t, vs}, [s, t] {
+    Workspace& w = workspace(s);
+    two_pass_pattern(nullptr, w.x.data(), w.y.data(), s.rows, s.features, t);
+  });
+  add_bench({"pattern_" + vs, Kind::Baseline, Dir::Bwd, s, t, vs}, [s, t] {
+    Workspace& w = workspace(s);
+    two_pass_pattern(w.dy.data(), w.x.data(), w.dx.data(), s.rows, s.features, t);
+  });
+#else
+  (void)s;
+  (void)t;
+  (void)vs;
+#endif
 }
 
 // Narrow-storage copies of a float buffer (bf16 or half), 64-byte aligned, one per

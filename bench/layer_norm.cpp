@@ -1,6 +1,9 @@
 // clang-format off
 // Benchmarks of normkit::LayerNorm<float> (gamma and beta), forward and backward, against
-// the copy roofline of the same bytes and a naive Eigen-expression LayerNorm (forward).
+// the copy roofline of the same bytes, a naive Eigen-expression LayerNorm (forward) and
+// the two-pass pattern (pattern_layer_norm, AVX-512 builds: the memory traffic of a row
+// norm with no arithmetic, bench_common.hpp; the baselines table gives normkit's speed
+// over it).
 // After the runs a table gives each kernel's GB/s, the best roofline GB/s at the same
 // shape and thread count, and their ratio. See bench_common.hpp for the byte counts.
 //
@@ -153,6 +156,7 @@ void register_all() {
   for (const Shape& s : shapes()) {
     for (int t : thread_counts()) {
       register_rooflines(s, t);
+      register_pattern(s, t, "layer_norm");
 
       auto fwd_saved = std::make_shared<normkit::RowStats<float>>();
       add_bench({"layer_norm", Kind::Kernel, Dir::Fwd, s, t},

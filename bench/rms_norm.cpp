@@ -1,7 +1,9 @@
 // clang-format off
 // Benchmarks of normkit::RMSNorm<float> (gamma), forward and backward, against the copy
-// roofline of the same bytes. After the runs a table gives each kernel's GB/s, the best
-// roofline GB/s at the same shape and thread count, and their ratio. See
+// roofline of the same bytes and the two-pass pattern (pattern_rms_norm, AVX-512 builds:
+// the memory traffic of a row norm with no arithmetic, bench_common.hpp). After the runs
+// a table gives each kernel's GB/s, the best roofline GB/s at the same shape and thread
+// count, and their ratio; a second, normkit's speed over the pattern. See
 // bench_common.hpp for the byte counts.
 //
 // Build (Release; the bench targets add -O3 -march=native):
@@ -74,6 +76,7 @@ void register_all() {
   for (const Shape& s : shapes()) {
     for (int t : thread_counts()) {
       register_rooflines(s, t);
+      register_pattern(s, t, "rms_norm");
 
       auto fwd_saved = std::make_shared<normkit::RowStats<float>>();
       add_bench({"rms_norm", Kind::Kernel, Dir::Fwd, s, t},

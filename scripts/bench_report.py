@@ -13,14 +13,15 @@ threads, bytes, target, vs, vs_target, impl, ...), and writes
     target; it starts with the normkit-vs-oneDNN comparison alone;
   * a chart (--svg FILE; gnuplot, Debian package gnuplot-nox): at one thread count
     (--threads, default 1), for every op/dir/shape that has a baseline, grouped bars of
-    the ratio to the copy roofline for normkit, oneDNN and naive Eigen, with normkit's
-    speedup over oneDNN under each group.
+    the ratio to the copy roofline for normkit, oneDNN, naive Eigen and the two-pass
+    pattern (bench_common.hpp), with normkit's speedup over oneDNN under each group.
 
 GB/s is the median over repetitions (the "median" aggregate when the run had
 repetitions, else the median of the iterations), 1e9 bytes/s of the counted traffic.
 
 Series: kind=kernel is normkit; a baseline whose op starts with "onednn_" is oneDNN,
-"eigen_naive_" naive Eigen (others are listed in the table only). A baseline is paired
+"eigen_naive_" naive Eigen, "pattern_" the two-pass pattern (others are listed in the
+table only). A baseline is paired
 with the normkit op named by its vs field, else with its op without that prefix.
 
 Usage:
@@ -42,6 +43,7 @@ SERIES = [  # (name, op prefix of its baselines or None for normkit kernels, col
     ("normkit", None, "#1f5fa6"),
     ("oneDNN", "onednn_", "#e07b17"),
     ("naive Eigen", "eigen_naive_", "#8c8c8c"),
+    ("two-pass pattern", "pattern_", "#5aa05a"),
 ]
 
 PRETTY_OP = {
