@@ -173,50 +173,13 @@ struct Args {
   Stats<T>* saved = nullptr;
 };
 
-template <class T, int R, int L>
-struct Tens {
-  std::array<Index, R> d;
-  nt::Map<T, R, L> m(T* p) const { return nt::map<T, R, L>(p, d); }
-  nt::CMap<T, R, L> c(const T* p) const { return nt::cmap<T, R, L>(p, d); }
-};
-
-template <class T, int R, class F>
-void with_rank(bool row_major, const std::vector<Index>& mem, F& f) {
-  std::array<Index, R> d{};
-  for (std::size_t i = 0; i < static_cast<std::size_t>(R); ++i) d[i] = mem[i];
-  if (row_major)
-    f(Tens<T, R, Eigen::RowMajor>{d});
-  else
-    f(Tens<T, R, Eigen::ColMajor>{d});
-}
-
-// Ranks 2 to 5 (the tests' shapes), in either Eigen layout, over the same memory.
-template <class T, class F>
-void with_tensors(bool row_major, const std::vector<Index>& mem, F&& f) {
-  switch (mem.size()) {
-    case 2: with_rank<T, 2>(row_major, mem, f); break;
-    case 3: with_rank<T, 3>(row_major, mem, f); break;
-    case 4: with_rank<T, 4>(row_major, mem, f); break;
-    case 5: with_rank<T, 5>(row_major, mem, f); break;
-    default: FAIL("rank " << mem.size() << " is not instantiated by the tests");
-  }
-}
-
-template <class T, class F>
-void with_grad(T* p, Index C, F&& f) {
-  if (p)
-    f(Vec1<T>(p, C));
-  else
-    f(normkit::skip);
-}
-
 template <class T, class Isa, class Dev = Eigen::DefaultDevice>
 void call(const Chan<T, Isa>& op, Call what, bool row_major, const std::vector<Index>& mem,
           const Args<T>& a, const Dev& dev = Dev()) {
-  with_tensors<T>(row_major, mem, [&](auto tn) {
+  nt::with_tensors(row_major, mem, [&](auto tn) {
     if (what == Call::Fwd || what == Call::FwdEval) {
-      const auto x = tn.c(a.x);
-      auto y = tn.m(a.y);
+      const auto x = tn(a.x);
+      auto y = tn(a.y);
       if (what == Call::Fwd) {
         if (op.r.kind == ChanKind::Batch)
           op.bn().forward(x, a.p, y, *a.saved, a.run, dev);
@@ -234,11 +197,11 @@ void call(const Chan<T, Isa>& op, Call what, bool row_major, const std::vector<I
       }
       return;
     }
-    const auto dy = tn.c(a.dy);
-    const auto x = tn.c(a.x);
+    const auto dy = tn(a.dy);
+    const auto x = tn(a.x);
     auto bwd = [&](auto&& dx) {
-      with_grad(a.dg, a.C, [&](auto&& dg) {
-        with_grad(a.db, a.C, [&](auto&& db) {
+      nt::with_grad(a.dg, a.C, [&](auto&& dg) {
+        nt::with_grad(a.db, a.C, [&](auto&& db) {
           if (what == Call::Bwd) {
             if (op.r.kind == ChanKind::Batch)
               op.bn().backward(dy, x, a.p, *a.saved, dx, dg, db, dev);
@@ -258,7 +221,7 @@ void call(const Chan<T, Isa>& op, Call what, bool row_major, const std::vector<I
       });
     };
     if (a.dx)
-      bwd(tn.m(a.dx));
+      bwd(tn(a.dx));
     else
       bwd(normkit::skip);
   });

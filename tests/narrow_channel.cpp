@@ -103,46 +103,6 @@ struct Shape {
   }
 };
 
-// Tensors over memory with the shape's memory-order extents, rank 2 to 5, either layout:
-// f(tensor maker) where maker(p) maps p (const or not).
-template <int R, int L>
-struct Maker {
-  std::array<Index, R> d;
-  template <class T>
-  auto operator()(T* p) const {
-    if constexpr (std::is_const<T>::value)
-      return nt::cmap<std::remove_const_t<T>, R, L>(p, d);
-    else
-      return nt::map<T, R, L>(p, d);
-  }
-};
-template <int R, class F>
-void with_rank(bool row_major, const std::vector<Index>& mem, F& f) {
-  std::array<Index, R> d{};
-  for (std::size_t i = 0; i < Z(R); ++i) d[i] = mem[i];
-  if (row_major)
-    f(Maker<R, Eigen::RowMajor>{d});
-  else
-    f(Maker<R, Eigen::ColMajor>{d});
-}
-template <class F>
-void with_tensors(bool row_major, const std::vector<Index>& mem, F&& f) {
-  switch (mem.size()) {
-    case 2: with_rank<2>(row_major, mem, f); break;
-    case 3: with_rank<3>(row_major, mem, f); break;
-    case 4: with_rank<4>(row_major, mem, f); break;
-    case 5: with_rank<5>(row_major, mem, f); break;
-    default: FAIL("rank " << mem.size() << " is not instantiated by the tests");
-  }
-}
-template <class T, class F>
-void with_grad(T* p, Index C, F&& f) {
-  if (p)
-    f(Vec1<T>(p, C));
-  else
-    f(normkit::skip);
-}
-
 template <class P>
 normkit::Affine<P> affine_of(AffineMode m, const P* g, const P* b, Index C) {
   const CVec1<P> gm(g, C), bm(b, C);
@@ -190,7 +150,7 @@ struct Op {
   void forward(bool row_major, bool eval, const Io<T, P>& a, const Dev& dev = Dev()) const {
     const auto p = affine_of(mode, a.g, a.b, s.C);
     const auto run = running(a);
-    with_tensors(row_major, s.mem(), [&](auto mk) {
+    nt::with_tensors(row_major, s.mem(), [&](auto mk) {
       const auto x = mk(a.x);
       auto y = mk(a.y);
       if (eval) {
@@ -210,12 +170,12 @@ struct Op {
   void backward(bool row_major, bool eval, const Io<T, P>& a, const Dev& dev = Dev()) const {
     const auto p = affine_of(mode, a.g, a.b, s.C);
     const auto run = running(a);
-    with_tensors(row_major, s.mem(), [&](auto mk) {
+    nt::with_tensors(row_major, s.mem(), [&](auto mk) {
       const auto dy = mk(a.dy);
       const auto x = mk(a.x);
       auto go = [&](auto&& dx) {
-        with_grad(a.dg, s.C, [&](auto&& dg) {
-          with_grad(a.db, s.C, [&](auto&& db) {
+        nt::with_grad(a.dg, s.C, [&](auto&& dg) {
+          nt::with_grad(a.db, s.C, [&](auto&& db) {
             if (eval) {
               if (s.kind == ChanKind::Batch) bn().backward_eval(dy, x, p, run, dx, dg, db, dev);
               else in().backward_eval(dy, x, p, run, dx, dg, db, dev);
@@ -600,7 +560,7 @@ TEMPLATE_TEST_CASE("Narrow BatchNorm: Sync-BN over two shards, bitwise the float
     std::copy(pr.rmean.begin(), pr.rmean.end(), rmw.data());
     std::copy(pr.rvar.begin(), pr.rvar.end(), rvw.data());
     Stats saved[2], savedw[2];
-    with_tensors(true, mem, [&](auto mk) {
+    nt::with_tensors(true, mem, [&](auto mk) {
       normkit::ChannelMoments m[2], mw[2];
       for (int h = 0; h < 2; ++h) {
         m[h] = bn.partial_stats(mk(x.data() + h * half));

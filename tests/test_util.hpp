@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -169,6 +170,49 @@ double central(const L& loss, double& v, double h) {
 inline bool best_fuses() {
   return normkit::detail::simd::visit<normkit::detail::simd::Best>(
       [](auto isa) { return decltype(isa)::has_fma; });
+}
+
+// Tensors over memory of memory-order extents mem (rank 2 to 5, the channel tests'
+// shapes), in either layout: with_tensors(row_major, mem, f) calls f(maker), and maker(p)
+// maps p, as a const tensor where p is const.
+template <int R, int L>
+struct Maker {
+  std::array<Index, R> d;
+  template <class T>
+  auto operator()(T* p) const {
+    if constexpr (std::is_const<T>::value)
+      return cmap<std::remove_const_t<T>, R, L>(p, d);
+    else
+      return map<T, R, L>(p, d);
+  }
+};
+template <int R, class F>
+void with_rank(bool row_major, const std::vector<Index>& mem, F& f) {
+  std::array<Index, R> d{};
+  for (std::size_t i = 0; i < static_cast<std::size_t>(R); ++i) d[i] = mem[i];
+  if (row_major)
+    f(Maker<R, Eigen::RowMajor>{d});
+  else
+    f(Maker<R, Eigen::ColMajor>{d});
+}
+template <class F>
+void with_tensors(bool row_major, const std::vector<Index>& mem, F&& f) {
+  switch (mem.size()) {
+    case 2: with_rank<2>(row_major, mem, f); break;
+    case 3: with_rank<3>(row_major, mem, f); break;
+    case 4: with_rank<4>(row_major, mem, f); break;
+    case 5: with_rank<5>(row_major, mem, f); break;
+    default: FAIL("rank " << mem.size() << " is not instantiated by the tests");
+  }
+}
+
+// f(a gradient output of C elements at p), or f(normkit::skip) where p is nullptr.
+template <class T, class F>
+void with_grad(T* p, Index C, F&& f) {
+  if (p)
+    f(Map<T, 1, Eigen::ColMajor>(p, C));
+  else
+    f(normkit::skip);
 }
 
 template <class T>

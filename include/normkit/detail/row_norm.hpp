@@ -681,12 +681,18 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   const int param_grads = want_param ? (spec.shift ? 2 : 1) : 0;
   const Index acc_arrays = param_grads;
   // Per-chunk double accumulators for dgamma (and dbeta): chunk c owns
-  // acc[(c * acc_arrays + a) * n, ... + n).
-  std::vector<double> acc(static_cast<std::size_t>(chunks * acc_arrays * n), 0.0);
+  // acc[slot(c) + a * n, ... + n).
+  const auto slot = [&](Index c) { return c * acc_arrays * n; };
+  std::vector<double> acc(static_cast<std::size_t>(slot(chunks)), 0.0);
   // Per-chunk stages in T for rows walked one at a time (kernels::StagedAcc), on vector
-  // backends for float (where the widening to double is the cost).
+  // backends for float (where the widening to double is the cost), laid out as acc;
+  // allocated only where some chunk has such rows (rows not grouped, or a chunk's row
+  // count not a multiple of 4).
   constexpr bool kStage = kernels::kWidens<Isa, T>;
-  std::vector<T> stage_buf(kStage ? static_cast<std::size_t>(chunks * acc_arrays * n) : 0);
+  bool single_rows = !group_rows;
+  for (Index c = 0; c < chunks && !single_rows; ++c)
+    single_rows = (chunk_begin(c + 1, rows, chunks) - chunk_begin(c, rows, chunks)) % 4 != 0;
+  std::vector<T> stage_buf(kStage && single_rows ? static_cast<std::size_t>(slot(chunks)) : 0);
 
   constexpr bool kC = Center;
   with_scale(spec.scale, [&](auto S) {
@@ -777,10 +783,10 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                                              6.0 * static_cast<double>(n * (rows / chunks)));
               parallel_for<Isa>(device, chunks, cost, [&](Index c0, Index c1) {
                 for (Index c = c0; c < c1; ++c) {
-                  double* base = acc.data() + c * acc_arrays * n;
+                  double* base = acc.data() + slot(c);
                   do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
                           acc_arrays > 1 ? base + n : nullptr,
-                          kStage ? stage_buf.data() + c * acc_arrays * n : nullptr);
+                          stage_buf.empty() ? nullptr : stage_buf.data() + slot(c));
                 }
               });
             } else {
@@ -810,7 +816,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
       std::fill(sg, sg + len, 0.0);
       std::fill(sb, sb + len, 0.0);
       for (Index c = 0; c < chunks; ++c) {
-        const double* base = acc.data() + c * acc_arrays * n + j0;
+        const double* base = acc.data() + slot(c) + j0;
         for (Index j = 0; j < len; ++j) sg[j] += base[j];
         if (acc_arrays > 1)
           for (Index j = 0; j < len; ++j) sb[j] += base[n + j];
