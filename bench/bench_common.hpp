@@ -48,6 +48,10 @@
 #pragma GCC diagnostic pop
 #endif
 
+// The row norms' streaming threshold and prefetch distance, which the two-pass pattern
+// below shares.
+#include <normkit/detail/row_norm.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -348,15 +352,13 @@ inline void add_stream(const float* a, const float* bsrc, float* dst, Index n, i
 // first), so x is read twice, the second time from cache. Per row: pass 1 sums the row
 // (forward: x; backward: dy and x) in four independent chains; pass 2 writes y = x * c
 // (forward) or dx = dy * c + x (backward) from the row in cache, with non-temporal stores
-// where normkit streams (outputs of NORMKIT_STREAM_MIN_BYTES, 8 MiB, or more), and
-// prefetches a later row into L2 (rows kPatternAheadBytes past the current one, as
-// normkit's forward does). No statistics, parameters or special cases: what it moves in a
+// where normkit streams (normkit::detail::stream_output: outputs of 8 MiB or more), and
+// prefetches a later row into L2 (normkit::detail::prefetch_ahead_rows, as normkit's
+// forward does). No statistics, parameters or special cases: what it moves in a
 // given time bounds what any two-pass kernel can move, and normkit's speed over it (the
 // baselines table, "pattern_layer_norm" and "pattern_rms_norm") is the share of that
 // bound it reaches.
 #if defined(__AVX512F__)
-constexpr Index kPatternAheadBytes = 8192;
-constexpr std::size_t kPatternStreamBytes = std::size_t{8} << 20;
 
 // Pass 1 over k rows' worth of arrays a[0..k) at one row (n floats): their sum.
 inline float pattern_sum(const float* const* a, int k, Index n) {
@@ -382,10 +384,10 @@ template <bool Stream>
 void pattern_write(const float* a, const float* b, float* out, Index n, float c,
                    const float* const* nexts, int k) {
   const __m512 vc = _mm512_set1_ps(c);
+  auto scalar_at = [&](Index i) { out[i] = a[i] * c + (b ? b[i] : 0.0f); };
   Index i = 0;
   if (Stream)
-    for (; i < n && reinterpret_cast<std::uintptr_t>(out + i) % 64 != 0; ++i)
-      out[i] = a[i] * c + (b ? b[i] : 0.0f);
+    for (; i < n && reinterpret_cast<std::uintptr_t>(out + i) % 64 != 0; ++i) scalar_at(i);
   for (; i + 16 <= n; i += 16) {
     for (int j = 0; j < k; ++j) _mm_prefetch(reinterpret_cast<const char*>(nexts[j] + i), _MM_HINT_T1);
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a + i), vc);
@@ -395,15 +397,14 @@ void pattern_write(const float* a, const float* b, float* out, Index n, float c,
     else
       _mm512_storeu_ps(out + i, v);
   }
-  for (; i < n; ++i) out[i] = a[i] * c + (b ? b[i] : 0.0f);
+  for (; i < n; ++i) scalar_at(i);
 }
 
 // Rows [0, rows) of n floats: forward (dy == nullptr: y = f(x)) or backward (dx = f(dy, x)).
 inline void two_pass_pattern(const float* dy, const float* x, float* out, Index rows, Index n,
                              int threads) {
-  const bool stream = static_cast<std::size_t>(rows * n) * sizeof(float) >= kPatternStreamBytes;
-  const Index row_bytes = std::max<Index>(1, n * static_cast<Index>(sizeof(float)));
-  const Index ahead = std::max<Index>(0, (kPatternAheadBytes + row_bytes - 1) / row_bytes - 1);
+  const bool stream = normkit::detail::stream_output<float>(rows * n);
+  const Index ahead = normkit::detail::prefetch_ahead_rows(n * static_cast<Index>(sizeof(float)));
   split_run(threads, rows, [&](Index r0, Index r1) {
     for (Index r = r0; r < r1; ++r) {
       const float* xr = x + r * n;

@@ -21,8 +21,8 @@ repetitions, else the median of the iterations), 1e9 bytes/s of the counted traf
 
 Series: kind=kernel is normkit; a baseline whose op starts with "onednn_" is oneDNN,
 "eigen_naive_" naive Eigen, "pattern_" the two-pass pattern (others are listed in the
-table only). A baseline is paired
-with the normkit op named by its vs field, else with its op without that prefix.
+table only). A baseline is paired with the normkit op named by its vs field, else with
+its op without that prefix.
 
 Usage:
   scripts/bench_report.py build/main/bench-json/*.json --markdown docs/bench_report.md \\
