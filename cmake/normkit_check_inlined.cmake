@@ -5,7 +5,7 @@
 # whole symbol table of the test binary took minutes).
 find_program(NM nm REQUIRED)
 find_program(GREP grep REQUIRED)
-set(pattern "simd::avx(2|512)::(Pack|Acc|Narrow|lo256|hi256)|kernels::[A-Za-z_0-9]+<.*simd::avx(2|512)::")
+set(pattern "simd::avx(2|512|512bf16)::(Pack|Acc|Narrow|lo256|hi256)|kernels::[A-Za-z_0-9]+<.*simd::avx(2|512|512bf16)::")
 execute_process(COMMAND ${NM} -C ${BINARY}
                 COMMAND ${GREP} -E "${pattern}"
                 RESULTS_VARIABLE rcs OUTPUT_VARIABLE bad)

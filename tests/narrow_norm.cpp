@@ -59,6 +59,9 @@ void each_backend(F&& f) {
 #if defined(NORMKIT_ARCH_X86) && NORMKIT_COMPILED_ISA >= NORMKIT_ISA_AVX512
   if (simd::cpu_level() >= NORMKIT_ISA_AVX512) f(simd::avx512::Isa{});
 #endif
+#if defined(NORMKIT_DISPATCH) && NORMKIT_COMPILED_ISA >= NORMKIT_ISA_AVX512
+  if (simd::cpu_level() >= NORMKIT_ISA_AVX512BF16) f(simd::avx512bf16::Isa{});
+#endif
 #if defined(NORMKIT_ARCH_ARM64) && NORMKIT_ISA >= NORMKIT_ISA_NEON
   f(simd::neon::Isa{});
 #endif

@@ -82,17 +82,17 @@ class AdaptiveLayerNorm {
       const auto yv = detail::out<T>(y);
       switch (form_) {
         case AdaptiveForm::AdaNorm:
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::forward<decltype(isa_), T, true>(spec(), xv, cond, yv, saved, detail::Exec(device));
           });
           break;
         case AdaptiveForm::Modulated:
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::modulated_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, detail::Exec(device));
           });
           break;
         case AdaptiveForm::Elementwise:
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::elementwise_forward<decltype(isa_), T>(spec(), xv, cond, yv, saved, detail::Exec(device));
           });
           break;
@@ -144,20 +144,20 @@ class AdaptiveLayerNorm {
       switch (form_) {
         case AdaptiveForm::AdaNorm:
           check_no_cond_grads(d1, d2);
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::backward<decltype(isa_), T, true>(spec(), dyv, xv, cond, saved, dxv,
                                                       detail::View<T>{}, detail::View<T>{},
                                                       detail::Exec(device));
           });
           break;
         case AdaptiveForm::Modulated:
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::modulated_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1, d2,
                                                           detail::Exec(device));
           });
           break;
         case AdaptiveForm::Elementwise:
-          detail::simd::visit<Isa>([&](auto isa_) {
+          detail::simd::visit<Isa, T>([&](auto isa_) {
             detail::elementwise_backward<decltype(isa_), T>(spec(), dyv, xv, cond, saved, dxv, d1,
                                                             d2, detail::Exec(device));
           });
@@ -186,7 +186,7 @@ class AdaptiveLayerNorm {
                       const Device& device) const {
     const auto xv = detail::in<T>(x);
     const auto yv = detail::out<T>(y);
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       using I = decltype(isa_);
       const detail::Exec exec(device);
       switch (form_) {
@@ -212,7 +212,7 @@ class AdaptiveLayerNorm {
     const auto d1 = detail::out<P>(dcond1);
     const auto d2 = detail::out<P>(dcond2);
     if (form_ == AdaptiveForm::AdaNorm) check_no_cond_grads(d1, d2);
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       using I = decltype(isa_);
       const detail::Exec exec(device);
       switch (form_) {

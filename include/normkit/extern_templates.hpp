@@ -2,8 +2,8 @@
 // once per translation unit (optional; the library stays header-only without it).
 //
 // Every op call compiles, for each backend simd::visit can choose (with runtime
-// dispatch: scalar, AVX2 and AVX-512), its engine: argument checks, statistics, and the
-// hot regions flattened for their target. A program with many translation units that use
+// dispatch: scalar, AVX2 and AVX-512, and for bfloat16 storage AVX-512 BF16 as well),
+// its engine: argument checks, statistics, and the hot regions flattened for their target. A program with many translation units that use
 // normkit compiles these again in each. To compile them once:
 //   - include <normkit/extern_templates.hpp> instead of <normkit/normkit.hpp> in every
 //     translation unit that uses normkit: it declares the engines `extern template`, for
@@ -41,6 +41,10 @@
 #define NORMKIT_DEFINE_CHANNEL_(I, unused) NORMKIT_CHANNEL_GROUP_(I, )
 #define NORMKIT_EXTERN_NARROW_CHANNEL_(I, unused) NORMKIT_NARROW_CHANNEL_GROUP_(I, extern)
 #define NORMKIT_DEFINE_NARROW_CHANNEL_(I, unused) NORMKIT_NARROW_CHANNEL_GROUP_(I, )
+#define NORMKIT_EXTERN_NARROW_BF16_(I, unused) NORMKIT_NARROW_BF16_GROUP_(I, extern)
+#define NORMKIT_DEFINE_NARROW_BF16_(I, unused) NORMKIT_NARROW_BF16_GROUP_(I, )
+#define NORMKIT_EXTERN_NARROW_CHANNEL_BF16_(I, unused) NORMKIT_NARROW_CHANNEL_BF16_GROUP_(I, extern)
+#define NORMKIT_DEFINE_NARROW_CHANNEL_BF16_(I, unused) NORMKIT_NARROW_CHANNEL_BF16_GROUP_(I, )
 
 #if defined(NORMKIT_INSTANTIATE_ROW)
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_ROW_, 0)
@@ -54,8 +58,10 @@ NORMKIT_EACH_ISA(NORMKIT_EXTERN_ADAPTIVE_, 0)
 #endif
 #if defined(NORMKIT_INSTANTIATE_NARROW)
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_NARROW_, 0)
+NORMKIT_BF16_ISA(NORMKIT_DEFINE_NARROW_BF16_, 0)
 #else
 NORMKIT_EACH_ISA(NORMKIT_EXTERN_NARROW_, 0)
+NORMKIT_BF16_ISA(NORMKIT_EXTERN_NARROW_BF16_, 0)
 #endif
 #if defined(NORMKIT_INSTANTIATE_CHANNEL)
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_CHANNEL_, 0)
@@ -64,6 +70,8 @@ NORMKIT_EACH_ISA(NORMKIT_EXTERN_CHANNEL_, 0)
 #endif
 #if defined(NORMKIT_INSTANTIATE_NARROW_CHANNEL)
 NORMKIT_EACH_ISA(NORMKIT_DEFINE_NARROW_CHANNEL_, 0)
+NORMKIT_BF16_ISA(NORMKIT_DEFINE_NARROW_CHANNEL_BF16_, 0)
 #else
 NORMKIT_EACH_ISA(NORMKIT_EXTERN_NARROW_CHANNEL_, 0)
+NORMKIT_BF16_ISA(NORMKIT_EXTERN_NARROW_CHANNEL_BF16_, 0)
 #endif

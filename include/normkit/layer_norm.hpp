@@ -60,7 +60,7 @@ class LayerNorm {
     if constexpr (kNarrow) {
       forward_narrow(x, params, std::forward<Y>(y), saved, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params,
                                                  detail::out<T>(y), saved, detail::Exec(device));
       });
@@ -104,7 +104,7 @@ class LayerNorm {
       backward_narrow(dy, x, params, saved, std::forward<DX>(dx), std::forward<DG>(dgamma),
                       std::forward<DB>(dbeta), device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::backward<decltype(isa_), T, true>(spec(), detail::in<T>(dy), detail::in<T>(x),
                                                   params, saved, detail::out<T>(dx),
                                                   detail::out<T>(dgamma), detail::out<T>(dbeta),
@@ -138,7 +138,7 @@ class LayerNorm {
     if constexpr (kNarrow) {
       forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::forward<decltype(isa_), T, true>(spec(), detail::in<T>(x), params,
                                                   detail::out<T>(y), saved, detail::Exec(device),
                                                   &res);
@@ -170,7 +170,7 @@ class LayerNorm {
                                std::forward<DR>(dr), std::forward<DG>(dgamma),
                                std::forward<DB>(dbeta), alpha, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::backward_residual<decltype(isa_), T, true>(
             spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
             detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::out<T>(dbeta),
@@ -191,7 +191,7 @@ class LayerNorm {
   template <class P, class X, class Y, class Device>
   void forward_residual_narrow(const X& x, const Affine<P>& params, const detail::Residual<T>& res,
                                Y&& y, RowStats<float>& saved, const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, true>(spec(), false, detail::in<T>(x), params,
                                                          detail::out<T>(y), saved,
                                                          detail::Exec(device), &res);
@@ -202,7 +202,7 @@ class LayerNorm {
   void backward_residual_narrow(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
                                 const RowStats<float>& saved, DX&& dx, DR&& dr, DG&& dgamma,
                                 DB&& dbeta, double alpha, const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::backward_residual_narrow<decltype(isa_), T, P, true>(
           spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
           detail::out<T>(dx), detail::out<T>(dr), detail::out<P>(dgamma), detail::out<P>(dbeta),
@@ -212,7 +212,7 @@ class LayerNorm {
   template <class P, class X, class Y, class Device>
   void forward_narrow(const X& x, const Affine<P>& params, Y&& y, RowStats<float>& saved,
                       const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, true>(spec(), false, detail::in<T>(x), params,
                                                          detail::out<T>(y), saved, detail::Exec(device));
     });
@@ -221,7 +221,7 @@ class LayerNorm {
   void backward_narrow(const DY& dy, const X& x, const Affine<P>& params,
                        const RowStats<float>& saved, DX&& dx, DG&& dgamma, DB&& dbeta,
                        const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::backward_narrow<decltype(isa_), T, P, true>(
           spec(), detail::in<T>(dy), detail::in<T>(x), params, saved, detail::out<T>(dx),
           detail::out<P>(dgamma), detail::out<P>(dbeta), detail::Exec(device));

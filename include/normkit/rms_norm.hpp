@@ -73,7 +73,7 @@ class RMSNorm {
     if constexpr (kNarrow) {
       forward_narrow(x, params, std::forward<Y>(y), saved, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params,
                                                   detail::out<T>(y), saved, detail::Exec(device));
       });
@@ -113,7 +113,7 @@ class RMSNorm {
     if constexpr (kNarrow) {
       backward_narrow(dy, x, params, saved, std::forward<DX>(dx), std::forward<DG>(dgamma), device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::backward<decltype(isa_), T, false>(spec(), detail::in<T>(dy), detail::in<T>(x),
                                                    params, saved, detail::out<T>(dx),
                                                    detail::out<T>(dgamma), detail::View<T>{},
@@ -139,7 +139,7 @@ class RMSNorm {
     if constexpr (kNarrow) {
       forward_residual_narrow(x, params, res, std::forward<Y>(y), saved, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::forward<decltype(isa_), T, false>(spec(), detail::in<T>(x), params,
                                                   detail::out<T>(y), saved, detail::Exec(device),
                                                   &res);
@@ -165,7 +165,7 @@ class RMSNorm {
       backward_residual_narrow(ds, dy, s, params, saved, std::forward<DX>(dx),
                                std::forward<DR>(dr), std::forward<DG>(dgamma), alpha, device);
     } else {
-      detail::simd::visit<Isa>([&](auto isa_) {
+      detail::simd::visit<Isa, T>([&](auto isa_) {
         detail::backward_residual<decltype(isa_), T, false>(
             spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
             detail::out<T>(dx), detail::out<T>(dr), detail::out<T>(dgamma), detail::View<T>{},
@@ -186,7 +186,7 @@ class RMSNorm {
   template <class P, class X, class Y, class Device>
   void forward_residual_narrow(const X& x, const Affine<P>& params, const detail::Residual<T>& res,
                                Y&& y, RowStats<float>& saved, const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, false>(
           spec(), cast_ == CastOrder::CastThenWeight, detail::in<T>(x), params, detail::out<T>(y),
           saved, detail::Exec(device), &res);
@@ -196,7 +196,7 @@ class RMSNorm {
   void backward_residual_narrow(const DS& ds, const DY& dy, const S& s, const Affine<P>& params,
                                 const RowStats<float>& saved, DX&& dx, DR&& dr, DG&& dgamma,
                                 double alpha, const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::backward_residual_narrow<decltype(isa_), T, P, false>(
           spec(), detail::in<T>(ds), detail::in<T>(dy), detail::in<T>(s), params, saved, alpha,
           detail::out<T>(dx), detail::out<T>(dr), detail::out<P>(dgamma), detail::View<P>{},
@@ -206,7 +206,7 @@ class RMSNorm {
   template <class P, class X, class Y, class Device>
   void forward_narrow(const X& x, const Affine<P>& params, Y&& y, RowStats<float>& saved,
                       const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::forward_narrow<decltype(isa_), T, P, false>(
           spec(), cast_ == CastOrder::CastThenWeight, detail::in<T>(x), params, detail::out<T>(y),
           saved, detail::Exec(device));
@@ -216,7 +216,7 @@ class RMSNorm {
   void backward_narrow(const DY& dy, const X& x, const Affine<P>& params,
                        const RowStats<float>& saved, DX&& dx, DG&& dgamma,
                        const Device& device) const {
-    detail::simd::visit<Isa>([&](auto isa_) {
+    detail::simd::visit<Isa, T>([&](auto isa_) {
       detail::backward_narrow<decltype(isa_), T, P, false>(
           spec(), detail::in<T>(dy), detail::in<T>(x), params, saved, detail::out<T>(dx),
           detail::out<P>(dgamma), detail::View<P>{}, detail::Exec(device));

@@ -8,6 +8,10 @@
 #define NORMKIT_ISA_SCALAR 0
 #define NORMKIT_ISA_AVX2 1    // AVX2 + FMA
 #define NORMKIT_ISA_AVX512 2  // AVX-512F
+// AVX-512F with BF16 and DQ: a runtime-dispatch level of bfloat16 storage alone (its
+// conversions; every other op runs the AVX-512F code there). Not a compile-time level:
+// NORMKIT_MAX_ISA >= NORMKIT_ISA_AVX512 admits it (simd/dispatch.hpp).
+#define NORMKIT_ISA_AVX512BF16 3
 #define NORMKIT_ISA_NEON 1    // aarch64 Advanced SIMD
 
 // NORMKIT_FORCE_SCALAR caps the ISA at scalar; NORMKIT_MAX_ISA caps it at any level.

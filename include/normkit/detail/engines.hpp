@@ -13,12 +13,16 @@
 #include "../normkit.hpp"
 
 // NORMKIT_EACH_ISA(M, args...): M(Isa, args...) for every backend simd::visit can pick.
+// NORMKIT_BF16_ISA(M, args...): M(Isa, args...) for the backend of bfloat16 storage
+// alone (the dispatch level avx512bf16), or nothing.
 #define NORMKIT_ISA_(M, I, ...) M(::normkit::detail::simd::I::Isa, __VA_ARGS__)
 #if defined(NORMKIT_DISPATCH)
 #if NORMKIT_COMPILED_ISA >= NORMKIT_ISA_AVX512
 #define NORMKIT_ISA_AVX512_(M, ...) NORMKIT_ISA_(M, avx512, __VA_ARGS__)
+#define NORMKIT_BF16_ISA(M, ...) NORMKIT_ISA_(M, avx512bf16, __VA_ARGS__)
 #else
 #define NORMKIT_ISA_AVX512_(M, ...)
+#define NORMKIT_BF16_ISA(M, ...)
 #endif
 #define NORMKIT_EACH_ISA(M, ...)           \
   NORMKIT_ISA_(M, scalar, __VA_ARGS__)     \
@@ -26,6 +30,7 @@
   NORMKIT_ISA_AVX512_(M, __VA_ARGS__)
 #else
 #define NORMKIT_EACH_ISA(M, ...) M(::normkit::detail::simd::Best, __VA_ARGS__)
+#define NORMKIT_BF16_ISA(M, ...)
 #endif
 
 // The row norms (LayerNorm: Center true; RMSNorm: false) and their fused residual, and
@@ -181,7 +186,10 @@
   NORMKIT_ADAPTIVE_ALL_(I, EXT, float) NORMKIT_ADAPTIVE_ALL_(I, EXT, double)
 #define NORMKIT_NARROW_GROUP_(I, EXT) \
   NORMKIT_NARROW_ALL_(I, EXT, ::Eigen::bfloat16) NORMKIT_NARROW_ALL_(I, EXT, ::Eigen::half)
+#define NORMKIT_NARROW_BF16_GROUP_(I, EXT) NORMKIT_NARROW_ALL_(I, EXT, ::Eigen::bfloat16)
 #define NORMKIT_CHANNEL_GROUP_(I, EXT) \
   NORMKIT_CHANNEL_ALL_(I, EXT, float) NORMKIT_CHANNEL_ALL_(I, EXT, double)
 #define NORMKIT_NARROW_CHANNEL_GROUP_(I, EXT) \
   NORMKIT_NARROW_CHANNEL_ALL_(I, EXT, ::Eigen::bfloat16) NORMKIT_NARROW_CHANNEL_ALL_(I, EXT, ::Eigen::half)
+#define NORMKIT_NARROW_CHANNEL_BF16_GROUP_(I, EXT) \
+  NORMKIT_NARROW_CHANNEL_ALL_(I, EXT, ::Eigen::bfloat16)

@@ -440,7 +440,7 @@ template <class Isa, class T, class P, class X, class Y, class Device>
 void api_forward(const Spec& spec, const X& x, const Affine<P>& p, Y&& y,
                  RowStats<stat_t<T>>& saved, const Running<stat_t<T>>& run,
                  const ChannelMoments* global, const Device& device) {
-  simd::visit<Isa>([&](auto isa_) {
+  simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       forward_train_narrow<I, T, P>(spec, in<T>(x), p, out<T>(y), saved, run, global, Exec(device));
@@ -452,7 +452,7 @@ void api_forward(const Spec& spec, const X& x, const Affine<P>& p, Y&& y,
 template <class Isa, class T, class P, class X, class Y, class Device>
 void api_forward_eval(const Spec& spec, const X& x, const Affine<P>& p,
                       const Running<stat_t<T>>& run, Y&& y, const Device& device) {
-  simd::visit<Isa>([&](auto isa_) {
+  simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       forward_eval_narrow<I, T, P>(spec, in<T>(x), p, run, out<T>(y), Exec(device));
@@ -466,7 +466,7 @@ template <class Isa, class T, class P, class DY, class X, class DX, class DG, cl
 void api_backward(const Spec& spec, const DY& dy, const X& x, const Affine<P>& p,
                   const RowStats<stat_t<T>>& saved, const GlobalGrad* gg, DX&& dx, DG&& dgamma,
                   DB&& dbeta, const Device& device) {
-  simd::visit<Isa>([&](auto isa_) {
+  simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       backward_train_narrow<I, T, P>(spec, in<T>(dy), in<T>(x), p, saved, gg, out<T>(dx),
@@ -482,7 +482,7 @@ template <class Isa, class T, class P, class DY, class X, class DX, class DG, cl
 void api_backward_eval(const Spec& spec, const DY& dy, const X& x, const Affine<P>& p,
                        const Running<stat_t<T>>& run, DX&& dx, DG&& dgamma, DB&& dbeta,
                        const Device& device) {
-  simd::visit<Isa>([&](auto isa_) {
+  simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       backward_eval_narrow<I, T, P>(spec, in<T>(dy), in<T>(x), p, run, out<T>(dx), out<P>(dgamma),
@@ -495,7 +495,7 @@ void api_backward_eval(const Spec& spec, const DY& dy, const X& x, const Affine<
 
 template <class Isa, class T, class X, class Device>
 ChannelMoments api_partial_stats(const Spec& spec, const X& x, const Device& device) {
-  return simd::visit<Isa>([&](auto isa_) {
+  return simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       return partial_stats_narrow<I, T>(spec, in<T>(x), Exec(device));
@@ -507,7 +507,7 @@ ChannelMoments api_partial_stats(const Spec& spec, const X& x, const Device& dev
 template <class Isa, class T, class DY, class X, class Device>
 ChannelGradSums api_partial_grad_sums(const Spec& spec, const DY& dy, const X& x,
                                       const RowStats<stat_t<T>>& saved, const Device& device) {
-  return simd::visit<Isa>([&](auto isa_) {
+  return simd::visit<Isa, T>([&](auto isa_) {
     using I = decltype(isa_);
     if constexpr (is_narrow<T>::value)
       return partial_grad_sums_narrow<I, T>(spec, in<T>(dy), in<T>(x), saved, Exec(device));

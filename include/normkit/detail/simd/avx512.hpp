@@ -124,23 +124,30 @@ struct Narrow {
                                          _mm512_set1_epi32(0x7fc0));
     return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), qnan);
   }
-  static NORMKIT_AVX512_NARROW_FN __m256i bf16_bits(const F& a) {
-#if defined(__AVX512BF16__)
+  // vcvtneps2bf16, its lanes that need the integer path (QNaN 0x01, SNaN 0x80, denormal
+  // 0x20) picked by one vfpclassps (AVX-512 DQ): for builds whose flags enable both, and
+  // for the runtime-dispatch level NORMKIT_ISA_AVX512BF16 (avx512bf16::Narrow below).
+  static NORMKIT_AVX512BF16_NARROW_FN __m256i bf16_bits_vcvt(const F& a) {
     const __m256i fast = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
-#if defined(__AVX512DQ__)
-    // One classification: QNaN (0x01), SNaN (0x80), denormal (0x20).
     const __mmask16 fix = _mm512_fpclass_ps_mask(a.v, 0x01 | 0x80 | 0x20);
-#else
-    // |x| bits - 1 < 0x7fffff: a nonzero denormal; |x| bits > 0x7f800000: NaN.
+    if (fix == 0) return fast;
+    // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
+    // move of 16-bit lanes would need AVX-512BW).
+    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
+    return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
+  }
+  static NORMKIT_AVX512_NARROW_FN __m256i bf16_bits(const F& a) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    return bf16_bits_vcvt(a);
+#elif defined(__AVX512BF16__)
+    // Without DQ: |x| bits - 1 < 0x7fffff is a nonzero denormal; |x| bits > 0x7f800000 NaN.
+    const __m256i fast = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
     const __m512i mag = _mm512_and_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(0x7fffffff));
     const __mmask16 den = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
                                                   _mm512_set1_epi32(0x7fffff));
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
     const __mmask16 fix = static_cast<__mmask16>(den | nan);
-#endif
     if (fix == 0) return fast;
-    // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
-    // move of 16-bit lanes would need AVX-512BW).
     const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
     return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
 #else
@@ -178,6 +185,34 @@ struct Isa {
 };
 
 }  // namespace avx512
+
+#if defined(NORMKIT_DISPATCH)
+// The runtime-dispatch level NORMKIT_ISA_AVX512BF16 (simd/dispatch.hpp): the AVX-512F
+// backend, with bf16 narrowed by vcvtneps2bf16 as builds for such a CPU do (the same
+// bits as the integer rounding, see avx512::Narrow). simd::visit picks it for bfloat16
+// storage alone: the code of every other type would be the AVX-512F level's.
+namespace avx512bf16 {
+
+struct Narrow : avx512::Narrow {
+  static NORMKIT_AVX512BF16_NARROW_FN __m256i bf16_bits(const F& a) { return bf16_bits_vcvt(a); }
+  template <bool Stream = false>
+  static NORMKIT_AVX512BF16_NARROW_FN void narrow_bf16(std::uint16_t* p, const F& a) {
+    store16<Stream>(p, bf16_bits(a));
+  }
+};
+
+struct Isa : avx512::Isa {
+  static constexpr int level = NORMKIT_ISA_AVX512BF16;
+  static constexpr const char* name = "avx512bf16";
+  using Narrow = avx512bf16::Narrow;
+  template <class F>
+  static NORMKIT_RUN_AVX512BF16 void run(F&& f) {
+    f();
+  }
+};
+
+}  // namespace avx512bf16
+#endif
 }  // namespace simd
 }  // namespace detail
 }  // namespace normkit

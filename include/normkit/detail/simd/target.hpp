@@ -36,7 +36,19 @@
 #define NORMKIT_AVX512_NARROW_FN __attribute__((target("avx512f,avx2,fma,f16c"))) inline
 #endif
 #define NORMKIT_AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c"))) inline
+// The bf16 conversion of the runtime-dispatch level NORMKIT_ISA_AVX512BF16
+// (vcvtneps2bf16, vfpclassps) and, without dispatch, of builds whose flags enable
+// AVX-512 BF16 and DQ (always inlined there, as the other narrow conversions).
+#define NORMKIT_AVX512BF16_TARGET "avx512f,avx512dq,avx512bf16,avx2,fma,f16c"
+#if !defined(NORMKIT_DISPATCH) && defined(__AVX512BF16__) && defined(__AVX512DQ__) && \
+    defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NORMKIT_AVX512BF16_NARROW_FN \
+  __attribute__((target(NORMKIT_AVX512BF16_TARGET), always_inline)) inline
+#else
+#define NORMKIT_AVX512BF16_NARROW_FN __attribute__((target(NORMKIT_AVX512BF16_TARGET))) inline
+#endif
 #if defined(NORMKIT_DISPATCH)
+#define NORMKIT_RUN_AVX512BF16 __attribute__((target(NORMKIT_AVX512BF16_TARGET), flatten))
 #define NORMKIT_RUN_AVX2 __attribute__((target("avx2,fma,f16c"), flatten))
 #define NORMKIT_RUN_AVX512 __attribute__((target("avx512f,avx2,fma,f16c"), flatten))
 #else
@@ -44,6 +56,7 @@
 #define NORMKIT_RUN_AVX512 inline
 #endif
 #else
+#define NORMKIT_AVX512BF16_NARROW_FN inline
 #define NORMKIT_AVX2_FN inline
 #define NORMKIT_AVX512_FN inline
 #define NORMKIT_AVX2_NARROW_FN inline
