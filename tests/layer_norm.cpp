@@ -39,6 +39,14 @@ TEMPLATE_TEST_CASE("LayerNorm: bitwise identical for any number of threads", "[l
   nt::threads_bitwise(LN<TestType>(1, 1e-5, AffineMode::Scale), 300, 768, 601);
 }
 
+TEMPLATE_TEST_CASE("LayerNorm: many rows give the bits of each row alone, special rows too",
+                   "[layer_norm][pairs]", float, double) {
+  std::uint64_t seed = 700;
+  for (Index n : {1, 16, 33, 512, 768, 1536, 2048, 4097})
+    for (auto mode : {AffineMode::ScaleShift, AffineMode::Scale, AffineMode::None})
+      nt::rows_alone_agree(LN<TestType>(1, 0.0, mode), n, ++seed);
+}
+
 TEST_CASE("LayerNorm: backward against central finite differences in double", "[layer_norm][fd]") {
   for (Index n : {1, 2, 7, 16, 33})
     for (auto m : {AffineMode::ScaleShift, AffineMode::Scale, AffineMode::None}) {

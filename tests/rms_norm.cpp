@@ -48,6 +48,14 @@ TEMPLATE_TEST_CASE("RMSNorm: bitwise identical for any number of threads", "[rms
   nt::threads_bitwise(RMS<TestType>(1, 1e-6, RmsWeight::OnePlusScale), 300, 768, 1501);
 }
 
+TEMPLATE_TEST_CASE("RMSNorm: many rows give the bits of each row alone, special rows too",
+                   "[rms_norm][pairs]", float, double) {
+  std::uint64_t seed = 720;
+  for (Index n : {1, 16, 33, 512, 768, 1536, 2048, 4097})
+    for (auto w : {RmsWeight::Scale, RmsWeight::None})
+      nt::rows_alone_agree(RMS<TestType>(1, 0.0, w, EpsPlacement::Inside), n, ++seed);
+}
+
 TEST_CASE("RMSNorm: backward against central finite differences in double", "[rms_norm][fd]") {
   for (Index n : {1, 2, 7, 16, 33})
     for (auto w : kWeights)

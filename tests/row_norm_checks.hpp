@@ -396,6 +396,42 @@ void shapes(const Op& o1, const Op& o2, std::uint64_t seed) {
   }
 }
 
+// Forward over many rows (which may take them two at a time: row_norm.hpp pair_rows) gives
+// the bits of forward over each row alone, y and the saved statistics, also where a row
+// of a pair takes its special case: row 2 constant (eps = 0: var + eps = 0), row 4 with
+// a NaN, row 5 scaled to subnormals (with eps = 0, rstd beyond T's range).
+template <class Op>
+void rows_alone_agree(const Op& o, Index n, std::uint64_t seed) {
+  using T = typename Op::type;
+  const Index rows = 7;
+  Problem<T> pr({n, rows}, 1, 0, seed);
+  for (Index i = 0; i < n; ++i) {
+    pr.x[static_cast<std::size_t>(2 * n + i)] = T(0.75);
+    pr.x[static_cast<std::size_t>(5 * n + i)] *= std::numeric_limits<T>::min() / T(64);
+  }
+  pr.x[static_cast<std::size_t>(4 * n + n / 2)] = std::numeric_limits<T>::quiet_NaN();
+  const CMap<T, 1, Eigen::ColMajor> g(pr.gamma.data(), n), b(pr.beta.data(), n);
+  const auto p = make_affine(o, g, b);
+  Buffer<T> y_all(pr.x.n, 0), y_one(pr.x.n, 0);
+  normkit::RowStats<T> s_all, s_one;
+  o.forward(CMap<T, 2, Eigen::RowMajor>(pr.x.data(), rows, n), p,
+            Map<T, 2, Eigen::RowMajor>(y_all.data(), rows, n), s_all);
+  auto same = [](const T* u, const T* v, Index count) {
+    return std::memcmp(u, v, static_cast<std::size_t>(count) * sizeof(T)) == 0;
+  };
+  for (Index r = 0; r < rows; ++r) {
+    INFO("n = " << n << ", row " << r);
+    o.forward(CMap<T, 2, Eigen::RowMajor>(pr.x.data() + r * n, 1, n), p,
+              Map<T, 2, Eigen::RowMajor>(y_one.data() + r * n, 1, n), s_one);
+    CHECK(same(y_all.data() + r * n, y_one.data() + r * n, n));
+    CHECK(same(s_all.rstd.data() + r, s_one.rstd.data(), 1));
+    if (s_all.mean.size() > 0) {
+      CHECK(same(s_all.mean.data() + r, s_one.mean.data(), 1));
+      CHECK(same(s_all.mean_lo.data() + r, s_one.mean_lo.data(), 1));
+    }
+  }
+}
+
 // The same memory through RowMajor (rows, n) and ColMajor (n, rows) gives the same bits.
 template <class Op>
 void layouts_agree(const Op& o, std::uint64_t seed) {

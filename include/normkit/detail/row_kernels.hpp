@@ -370,17 +370,19 @@ inline double blocked_sum_squares(const T* x, Index n, const Prefetch& pf = {}) 
 
 // The lower median of v[0 .. k), k <= 5, reordering v: the shift of the float-blocked
 // sums (a member of the data near its centre unless most of the sample are outliers).
+// The median of v[0 .. 5): branch-free (on random data a sort mispredicts half its
+// compares): neither the smallest nor the largest of v[0..3] can be the median of 5; the
+// median of the three others and v[4] is.
+template <class T>
+inline T median_of_5(const T* v) {
+  const T f = std::max(std::min(v[0], v[1]), std::min(v[2], v[3]));
+  const T h = std::min(std::max(v[0], v[1]), std::max(v[2], v[3]));
+  return std::max(std::min(f, h), std::min(std::max(f, h), v[4]));
+}
 template <class T>
 inline T median_of_5(T* v, int k) {
   if (k <= 0) return T(0);
-  if (k == 5) {
-    // Branch-free (on random data a sort mispredicts half its compares): neither the
-    // smallest nor the largest of v[0..3] can be the median of 5; the median of the three
-    // others and v[4] is.
-    const T f = std::max(std::min(v[0], v[1]), std::min(v[2], v[3]));
-    const T h = std::min(std::max(v[0], v[1]), std::max(v[2], v[3]));
-    return std::max(std::min(f, h), std::min(std::max(f, h), v[4]));
-  }
+  if (k == 5) return median_of_5(static_cast<const T*>(v));
   // Fewer: insertion sort, lower median. NaN compares false: any order is fine then, the
   // sums are NaN anyway.
   for (int i = 1; i < k; ++i)
@@ -401,7 +403,7 @@ inline T fmadd_s(T a, T b, T c) {
     return a * b + c;
 }
 
-// Parameters of the element-wise passes: xhat = ((x - mean_hi) - mean_lo) * rstd when
+// Parameters of the element-wise passes: xhat = (x - mean_hi) * rstd - mean_lo * rstd when
 // centring (the mean split in two T so that x - mean_hi is exact for x near the mean),
 // xhat = x * rstd when not.
 template <class T>
@@ -409,19 +411,26 @@ struct RowAffine {
   T mean_hi, mean_lo, rstd;
 };
 
+// Centring, as (x - mean_hi) * rstd - mean_lo * rstd: one subtraction and one fmadd per
+// packet (the form ((x - mean_hi) - mean_lo) * rstd took three operations). x - mean_hi
+// is exact for x within a factor of 2 of the mean, as before; mean_lo * rstd (rounded
+// once in T, below 2^-24 |mean| rstd) only shifts the result, whose one rounding (two
+// without FMA) is all that is added to it. A constant row (mean_lo = 0, x = mean_hi)
+// still gives exactly 0.
 template <class Isa, class T, bool Center>
 struct Xhat {
   using P = typename Isa::template Pack<T>;
-  typename P::V hi, lo, rstd;
+  typename P::V hi, nlo, rstd;  // nlo = -(mean_lo * rstd)
   Xhat() = default;
-  explicit Xhat(const RowAffine<T>& r) : hi(P::set1(r.mean_hi)), lo(P::set1(r.mean_lo)),
+  explicit Xhat(const RowAffine<T>& r) : hi(P::set1(r.mean_hi)), nlo(P::set1(neg_lo(r))),
                                          rstd(P::set1(r.rstd)) {}
+  static T neg_lo(const RowAffine<T>& r) { return -(r.mean_lo * r.rstd); }
   typename P::V operator()(const typename P::V& x) const {
-    if (Center) return P::mul(P::sub(P::sub(x, hi), lo), rstd);
+    if (Center) return P::fmadd(P::sub(x, hi), rstd, nlo);
     return P::mul(x, rstd);
   }
   static T scalar(const RowAffine<T>& r, T x) {
-    if (Center) x = (x - r.mean_hi) - r.mean_lo;
+    if (Center) return fmadd_s<Isa>(x - r.mean_hi, r.rstd, neg_lo(r));
     return x * r.rstd;
   }
 };
@@ -510,6 +519,41 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
     }
   }
   for (; i < n; ++i) scalar_at(i);
+}
+
+// normalize over two rows in step, x0 -> y0 and x1 -> y1 (of n elements each; ordinary
+// stores), the parameters' packets loaded once for both (see row_norm.hpp pair_rows).
+// The same operations per element as normalize, so the same bits. pf: a later range,
+// prefetched two lines per packet (the next two rows, as normalize prefetches one).
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift>
+inline void normalize2(const T* x0, const T* x1, T* y0, T* y1, Index n, const RowAffine<T>& r0,
+                       const RowAffine<T>& r1, const T* gamma, const T* beta,
+                       const Prefetch& pf = {}) {
+  using P = typename Isa::template Pack<T>;
+  using V = typename P::V;
+  constexpr Index W = static_cast<Index>(P::W);
+  const NormAffine<Isa, T, Center, S, Shift> op0(r0, gamma, beta), op1(r1, gamma, beta);
+  const Scale<Isa, T, S> scale{};
+  Index i = 0;
+  for (; i + W <= n; i += W) {
+    pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
+    V g{}, b{};
+    if (S != ScaleKind::None) g = scale(gamma + i);
+    if (Shift) b = P::load(beta + i);
+    // As NormAffine's packet operator, on the shared parameter packets.
+    auto affine = [&](const V& v) {
+      if (S != ScaleKind::None) return Shift ? P::fmadd(v, g, b) : P::mul(v, g);
+      return Shift ? P::add(v, b) : v;
+    };
+    const V v0 = affine(op0.xhat(P::load(x0 + i)));
+    const V v1 = affine(op1.xhat(P::load(x1 + i)));
+    P::store(y0 + i, v0);
+    P::store(y1 + i, v1);
+  }
+  for (; i < n; ++i) {
+    y0[i] = op0.scalar(x0[i], i);
+    y1[i] = op1.scalar(x1[i], i);
+  }
 }
 
 // Whether T's packets widen into more than one double packet (float on a vector
