@@ -112,18 +112,25 @@ inline Index prefetch_ahead_rows(Index row_bytes) {
 // measured best among 1, 2, 4 and 8 KB, then for backward's first pass).
 constexpr Index kStreamAheadBytes = 4096;
 
-// The associativity of the CPU's L1 data cache (ways; glibc reads it from CPUID), read
-// once; 8 where unknown.
+// The CPU's L1 data cache (glibc reads it from CPUID), read once: its associativity
+// (ways; 8 where unknown) and its size in bytes (32 KB where unknown).
+#if defined(_SC_LEVEL1_DCACHE_ASSOC) && defined(_SC_LEVEL1_DCACHE_SIZE)
+inline long l1d_param(int name, long unknown) {
+  const long v = sysconf(name);
+  return v > 0 ? v : unknown;
+}
 inline long l1d_ways() {
-  static const long ways = [] {
-    long v = 0;
-#if defined(_SC_LEVEL1_DCACHE_ASSOC)
-    v = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
-#endif
-    return v > 0 ? v : 8L;
-  }();
+  static const long ways = l1d_param(_SC_LEVEL1_DCACHE_ASSOC, 8L);
   return ways;
 }
+inline long l1d_bytes() {
+  static const long bytes = l1d_param(_SC_LEVEL1_DCACHE_SIZE, 32768L);
+  return bytes;
+}
+#else
+inline long l1d_ways() { return 8L; }
+inline long l1d_bytes() { return 32768L; }
+#endif
 
 // Whether rows row_bytes apart, walked four in step (backward's second pass), map to
 // the same L1 sets: an L1 of 4 KB per way (32 KB 8-way: Zen 3, most Intel cores) sets
@@ -144,19 +151,6 @@ inline bool rows_alias_in_l1(Index row_bytes) {
     if (d * row_bytes >= 4096 - 256 && std::min(m, 4096 - m) < 256) return true;
   }
   return false;
-}
-
-// The size of the CPU's L1 data cache in bytes (glibc reads it from CPUID), read once;
-// 32 KB where unknown.
-inline long l1d_bytes() {
-  static const long bytes = [] {
-    long v = 0;
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-#endif
-    return v > 0 ? v : 32768L;
-  }();
-  return bytes;
 }
 
 // Whether forward takes rows two at a time: statistics of both rows, then one normalize
