@@ -482,22 +482,28 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
             // pre: the row's statistics if already taken (the fused residual's float rows);
             // copy: the fused residual's s, written from the scratch row xr beside y.
             // pf: a later row, fetched into L2 while this one is normalized.
+            // The statistics of one row, and their record in the saved arrays.
+            auto row_stats = [&](const T* xr) {
+              return kC ? row_moments<Isa>(xr, n, spec.eps)
+                        : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
+            };
+            auto save = [&](Index r, const kernels::RowAffine<T>& ra) {
+              if (kC) {
+                mean_hi[r] = ra.mean_hi;
+                mean_lo[r] = ra.mean_lo;
+              }
+              rstd[r] = ra.rstd;
+            };
             auto norm_row = [&](Index r, const T* xr, const RowStat* pre = nullptr,
                                 T* copy = nullptr, const kernels::Prefetch& pf = {},
                                 const kernels::Prefetch& pf2 = {}) {
               T* yr = q.y + r * n;
               const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
               const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
-              const RowStat st = pre ? *pre
-                                 : kC ? row_moments<Isa>(xr, n, spec.eps)
-                                      : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
+              const RowStat st = pre ? *pre : row_stats(xr);
               const kernels::RowAffine<T> ra = row_affine<T>(st);
               const T hi = ra.mean_hi, lo = ra.mean_lo, rt = ra.rstd;
-              if (kC) {
-                mean_hi[r] = hi;
-                mean_lo[r] = lo;
-              }
-              rstd[r] = rt;
+              save(r, ra);
               if (st.denom_s == 0.0) {
                 // var + eps == 0 (a constant row with eps = 0): every x - mean is exactly
                 // 0, so xhat = 0 and y = beta, not 0 * inf = NaN.
@@ -524,10 +530,7 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                 // pass unless either row needs its special case (norm_row takes it then).
                 const T* x0 = q.x + r * n;
                 const T* x1 = x0 + n;
-                const RowStat st0 = kC ? row_moments<Isa>(x0, n, spec.eps)
-                                       : row_rms<Isa>(x0, n, spec.eps, spec.eps_outside);
-                const RowStat st1 = kC ? row_moments<Isa>(x1, n, spec.eps)
-                                       : row_rms<Isa>(x1, n, spec.eps, spec.eps_outside);
+                const RowStat st0 = row_stats(x0), st1 = row_stats(x1);
                 const kernels::RowAffine<T> ra0 = row_affine<T>(st0), ra1 = row_affine<T>(st1);
                 const Index next = r + 2 + 2 * ahead2;
                 const kernels::Prefetch pf = next + 1 < r1
@@ -538,14 +541,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                   norm_row(r, x0, &st0, nullptr, pf);
                   norm_row(r + 1, x1, &st1);
                 } else {
-                  for (const Index k : {r, r + 1}) {
-                    const kernels::RowAffine<T>& ra = k == r ? ra0 : ra1;
-                    if (kC) {
-                      mean_hi[k] = ra.mean_hi;
-                      mean_lo[k] = ra.mean_lo;
-                    }
-                    rstd[k] = ra.rstd;
-                  }
+                  save(r, ra0);
+                  save(r + 1, ra1);
                   if constexpr (!kSt)
                     kernels::normalize2<Isa, T, kC, kS, kB>(x0, x1, q.y + r * n, q.y + (r + 1) * n,
                                                             n, ra0, ra1, q.gamma, q.beta, pf);
