@@ -47,6 +47,13 @@ TEMPLATE_TEST_CASE("LayerNorm: many rows give the bits of each row alone, specia
       nt::rows_alone_agree(LN<TestType>(1, 0.0, mode), n, ++seed);
 }
 
+TEMPLATE_TEST_CASE("LayerNorm: outputs of 8 MiB and more are streamed, rows of any length",
+                   "[layer_norm][stream]", float, double) {
+  nt::streamed(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 1001, 0, 710);
+  nt::streamed(LN<TestType>(1, 1e-5, AffineMode::Scale), 1000, 1, 711);
+  nt::streamed(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 1024, 0, 712);
+}
+
 TEST_CASE("LayerNorm: backward against central finite differences in double", "[layer_norm][fd]") {
   for (Index n : {1, 2, 7, 16, 33})
     for (auto m : {AffineMode::ScaleShift, AffineMode::Scale, AffineMode::None}) {

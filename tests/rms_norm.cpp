@@ -56,6 +56,12 @@ TEMPLATE_TEST_CASE("RMSNorm: many rows give the bits of each row alone, special 
       nt::rows_alone_agree(RMS<TestType>(1, 0.0, w, EpsPlacement::Inside), n, ++seed);
 }
 
+TEMPLATE_TEST_CASE("RMSNorm: outputs of 8 MiB and more are streamed, rows of any length",
+                   "[rms_norm][stream]", float, double) {
+  nt::streamed(RMS<TestType>(1, 1e-6, RmsWeight::Scale), 1001, 1, 1510);
+  nt::streamed(RMS<TestType>(1, 1e-6, RmsWeight::OnePlusScale, EpsPlacement::Outside), 1000, 0, 1511);
+}
+
 TEST_CASE("RMSNorm: backward against central finite differences in double", "[rms_norm][fd]") {
   for (Index n : {1, 2, 7, 16, 33})
     for (auto w : kWeights)

@@ -432,6 +432,21 @@ void rows_alone_agree(const Op& o, Index n, std::uint64_t seed) {
   }
 }
 
+// A tensor of NORMKIT_STREAM_MIN_BYTES and more (3 rows over), [rows, n] RowMajor:
+// forward and backward stream their outputs (y, dx). Where n * sizeof(T) is not a
+// multiple of 64, each row's streamed body starts at its own column (after the scalar
+// head that aligns it), and the rows are walked one at a time; their dgamma / dbeta
+// terms must still add up per column (once, a stage of such rows in float lost some
+// columns and read stale ones: dgamma off by 20 at n = 4097).
+template <class Op>
+void streamed(const Op& o, Index n, std::size_t shift, std::uint64_t seed) {
+  using T = typename Op::type;
+  const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(T))) + 3;
+  INFO("[" << rows << ", " << n << "], misaligned by " << shift);
+  Problem<T> pr({n, rows}, 1, shift, seed);
+  run_case<2, Eigen::RowMajor>(o, pr, false, true);
+}
+
 // The same memory through RowMajor (rows, n) and ColMajor (n, rows) gives the same bits.
 template <class Op>
 void layouts_agree(const Op& o, std::uint64_t seed) {

@@ -461,16 +461,25 @@ struct NormAffine {
   X xhat;
   G scale{};
   NormAffine(const RowAffine<T>& ra, const T* g, const T* b) : r(ra), gamma(g), beta(b), xhat(ra) {}
-  // The packet of elements [i, i + W), xv holding their x.
-  typename P::V operator()(const typename P::V& xv, Index i) const {
-    typename P::V v = xhat(xv);
-    if (S != ScaleKind::None) {
-      v = Shift ? P::fmadd(v, scale(gamma + i), P::load(beta + i)) : P::mul(v, scale(gamma + i));
-    } else if (Shift) {
-      v = P::add(v, P::load(beta + i));
-    }
-    return v;
+  // The parameters' packets at element i (scale and beta; those the mode has), which rows
+  // in step share (normalize2).
+  struct Params {
+    typename P::V g{}, b{};
+  };
+  Params params(Index i) const {
+    Params p;
+    if (S != ScaleKind::None) p.g = scale(gamma + i);
+    if (Shift) p.b = P::load(beta + i);
+    return p;
   }
+  // The packet whose x is xv, its parameters p.
+  typename P::V operator()(const typename P::V& xv, const Params& p) const {
+    const typename P::V v = xhat(xv);
+    if (S != ScaleKind::None) return Shift ? P::fmadd(v, p.g, p.b) : P::mul(v, p.g);
+    return Shift ? P::add(v, p.b) : v;
+  }
+  // The packet of elements [i, i + W), xv holding their x.
+  typename P::V operator()(const typename P::V& xv, Index i) const { return (*this)(xv, params(i)); }
   // Element i, of value x: the same bits as its packet lane.
   T scalar(T x, Index i) const {
     T v = X::scalar(r, x);
@@ -533,20 +542,12 @@ inline void normalize2(const T* x0, const T* x1, T* y0, T* y1, Index n, const Ro
   using V = typename P::V;
   constexpr Index W = static_cast<Index>(P::W);
   const NormAffine<Isa, T, Center, S, Shift> op0(r0, gamma, beta), op1(r1, gamma, beta);
-  const Scale<Isa, T, S> scale{};
   Index i = 0;
   for (; i + W <= n; i += W) {
     pf.at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    V g{}, b{};
-    if (S != ScaleKind::None) g = scale(gamma + i);
-    if (Shift) b = P::load(beta + i);
-    // As NormAffine's packet operator, on the shared parameter packets.
-    auto affine = [&](const V& v) {
-      if (S != ScaleKind::None) return Shift ? P::fmadd(v, g, b) : P::mul(v, g);
-      return Shift ? P::add(v, b) : v;
-    };
-    const V v0 = affine(op0.xhat(P::load(x0 + i)));
-    const V v1 = affine(op1.xhat(P::load(x1 + i)));
+    const auto p = op0.params(i);  // gamma and beta are the same for both rows
+    const V v0 = op0(P::load(x0 + i), p);
+    const V v1 = op1(P::load(x1 + i), p);
     P::store(y0 + i, v0);
     P::store(y1 + i, v1);
   }

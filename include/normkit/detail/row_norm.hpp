@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -494,6 +495,11 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
               }
               rstd[r] = ra.rstd;
             };
+            // Whether a row takes one of norm_row's special cases below (var + eps == 0,
+            // an infinite rstd, AdaNorm) rather than kernels::normalize.
+            auto special = [&](const RowStat& st, const kernels::RowAffine<T>& ra) {
+              return st.denom_s == 0.0 || std::isinf(ra.rstd) || spec.ada;
+            };
             auto norm_row = [&](Index r, const T* xr, const RowStat* pre = nullptr,
                                 T* copy = nullptr, const kernels::Prefetch& pf = {},
                                 const kernels::Prefetch& pf2 = {}) {
@@ -536,8 +542,7 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                 const kernels::Prefetch pf = next + 1 < r1
                                                  ? kernels::Prefetch(q.x + next * n, 2 * n, true, 1)
                                                  : kernels::Prefetch();
-                if (spec.ada || std::isinf(ra0.rstd) || std::isinf(ra1.rstd) ||
-                    st0.denom_s == 0.0 || st1.denom_s == 0.0) {
+                if (special(st0, ra0) || special(st1, ra1)) {
                   norm_row(r, x0, &st0, nullptr, pf);
                   norm_row(r + 1, x1, &st1);
                 } else {
@@ -752,11 +757,16 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   // backends for float (where the widening to double is the cost), laid out as acc;
   // allocated only where some chunk has such rows (rows not grouped, or a chunk's row
   // count not a multiple of 4).
-  constexpr bool kStage = kernels::kWidens<Isa, T>;
+  // Not where streamed rows differ in alignment (row_bytes not a multiple of 64): each
+  // row's vector body then starts at its own column (the scalar head that aligns dx), and
+  // a stage's rows would leave its columns unwritten or read them stale.
+  const bool stage = kernels::kWidens<Isa, T> && (!stream || row_bytes % 64 == 0);
   bool single_rows = !group_rows;
   for (Index c = 0; c < chunks && !single_rows; ++c)
     single_rows = (chunk_begin(c + 1, rows, chunks) - chunk_begin(c, rows, chunks)) % 4 != 0;
-  std::vector<T> stage_buf(kStage && single_rows ? static_cast<std::size_t>(slot(chunks)) : 0);
+  // Not zeroed: a stage's first row stores it before any row reads it (Stage::First).
+  const std::unique_ptr<T[]> stage_buf(
+      stage && single_rows ? new T[static_cast<std::size_t>(slot(chunks))] : nullptr);
 
   constexpr bool kC = Center;
   with_scale(spec.scale, [&](auto S) {
@@ -827,7 +837,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                 kernels::RowsArgs<T, 1> args;
                 prepare(args, 0, r, 1);
                 kernels::StagedAcc<T> sa;
-                if (kStage && kPg > 0) {
+                if (stage_buf && kPg > 0) {
                   const Index j = (r - single0) % 4, left = r1 - r;
                   using kernels::Stage;
                   sa.g = stg;
@@ -850,7 +860,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                   double* base = acc.data() + slot(c);
                   do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
                           acc_arrays > 1 ? base + n : nullptr,
-                          stage_buf.empty() ? nullptr : stage_buf.data() + slot(c));
+                          stage_buf ? stage_buf.get() + slot(c) : nullptr);
                 }
               });
             } else {

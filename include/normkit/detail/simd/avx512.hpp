@@ -129,10 +129,13 @@ struct Narrow {
   // for the runtime-dispatch level NORMKIT_ISA_AVX512BF16 (avx512bf16::Narrow below).
   static NORMKIT_AVX512BF16_NARROW_FN __m256i bf16_bits_vcvt(const F& a) {
     const __m256i fast = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a.v));
-    const __mmask16 fix = _mm512_fpclass_ps_mask(a.v, 0x01 | 0x80 | 0x20);
+    return bf16_fixed(a, fast, _mm512_fpclass_ps_mask(a.v, 0x01 | 0x80 | 0x20));
+  }
+  // fast (vcvtneps2bf16's patterns for a) with the lanes of fix taken from the integer
+  // path. Rare (denormals, NaN): blended in 32-bit lanes (a masked move of 16-bit lanes
+  // would need AVX-512BW).
+  static NORMKIT_AVX512_NARROW_FN __m256i bf16_fixed(const F& a, __m256i fast, __mmask16 fix) {
     if (fix == 0) return fast;
-    // Rare (denormals, NaN): the integer path's lanes, blended in 32-bit lanes (a masked
-    // move of 16-bit lanes would need AVX-512BW).
     const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
     return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
   }
@@ -146,10 +149,7 @@ struct Narrow {
     const __mmask16 den = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
                                                   _mm512_set1_epi32(0x7fffff));
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
-    const __mmask16 fix = static_cast<__mmask16>(den | nan);
-    if (fix == 0) return fast;
-    const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, fast);
-    return _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_mask_mov_epi32(wide, fix, bf16_integer(a)));
+    return bf16_fixed(a, fast, static_cast<__mmask16>(den | nan));
 #else
     return _mm512_maskz_cvtepi32_epi16(0xFFFF, bf16_integer(a));
 #endif
