@@ -739,10 +739,13 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
 
   const T* gamma = q.gamma;
   const bool stream = want_dx && stream_output<T>(q.total);
-  // Streaming four dx rows in step needs them to share their alignment; and the four
-  // rows must not fall in the same L1 sets (rows_alias_in_l1).
+  // Whether every row's dx starts its vector body at the same column: streamed rows
+  // first peel a scalar head that aligns dx, which differs between rows unless their
+  // length is a multiple of 64 bytes. Four rows in step need it (and must not fall in
+  // the same L1 sets: rows_alias_in_l1), and so do the float stages below.
   const Index row_bytes = n * static_cast<Index>(sizeof(T));
-  const bool group_rows = (!stream || row_bytes % 64 == 0) && !rows_alias_in_l1(row_bytes);
+  const bool same_columns = !stream || row_bytes % 64 == 0;
+  const bool group_rows = same_columns && !rows_alias_in_l1(row_bytes);
   const double dn = static_cast<double>(n);
   const Index chunks = want_param ? reduce_chunks(rows) : 0;
   // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
@@ -757,10 +760,9 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   // backends for float (where the widening to double is the cost), laid out as acc;
   // allocated only where some chunk has such rows (rows not grouped, or a chunk's row
   // count not a multiple of 4).
-  // Not where streamed rows differ in alignment (row_bytes not a multiple of 64): each
-  // row's vector body then starts at its own column (the scalar head that aligns dx), and
-  // a stage's rows would leave its columns unwritten or read them stale.
-  const bool stage = kernels::kWidens<Isa, T> && (!stream || row_bytes % 64 == 0);
+  // Not without same_columns: a stage's rows would leave its columns unwritten or read
+  // them stale.
+  const bool stage = kernels::kWidens<Isa, T> && same_columns;
   bool single_rows = !group_rows;
   for (Index c = 0; c < chunks && !single_rows; ++c)
     single_rows = (chunk_begin(c + 1, rows, chunks) - chunk_begin(c, rows, chunks)) % 4 != 0;
