@@ -740,7 +740,17 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
   // Products that feed sums are written as explicit fmadds: left as mul then add, g++'s
   // default -ffp-contract=fast (GNU modes) may fuse them in one instantiation and not in
   // another, so that, say, dgamma alone and dgamma with dx would differ in the last bit.
-  for (; i + W <= n; i += W) {
+  // Packets [i0, i_end). Where dx stays in cache (not Stream) they go last to first: the
+  // first pass has just walked the rows first to last, so their last columns (dy, x and
+  // gamma) are the ones still in L1, and those are read first. Every column is computed
+  // alone, so the order does not change the bits. LayerNorm backward in cache, ns per
+  // element, same binary, interleaved (Zen 4, 32 KB L1): [64,4096] 0.50-0.57 -> 0.49-0.52,
+  // [8,8192] 0.76-0.80 -> 0.69, [64,1024] 0.49-0.57 -> 0.47-0.52. Streamed rows (from
+  // memory) go first to last: reversed, they measured the same or up to 3% slower.
+  constexpr bool kReverse = !Stream;
+  const Index i0 = i, i_end = i0 + (n - i0) / W * W, packets = (i_end - i0) / W;
+  for (Index k = 0; k < packets; ++k) {
+    i = kReverse ? i_end - (k + 1) * W : i0 + k * W;
     next_dy.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     next_x.template at<W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
     VT pg[R], pb[R];
@@ -799,7 +809,7 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
       });
     }
   }
-  for (; i < n; ++i) scalar_at(i);
+  for (i = i_end; i < n; ++i) scalar_at(i);
 }
 
 // AdaNorm (Xu et al. 2019), forward: z = xhat, y = C (1 - k z) z, as phi(z) * z with
