@@ -744,9 +744,11 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
   // first pass has just walked the rows first to last, so their last columns (dy, x and
   // gamma) are the ones still in L1, and those are read first. Every column is computed
   // alone, so the order does not change the bits. LayerNorm backward in cache, ns per
-  // element, same binary, interleaved (Zen 4, 32 KB L1): [64,4096] 0.50-0.57 -> 0.49-0.52,
-  // [8,8192] 0.76-0.80 -> 0.69, [64,1024] 0.49-0.57 -> 0.47-0.52. Streamed rows (from
-  // memory) go first to last: reversed, they measured the same or up to 3% slower.
+  // element, before / after as two binaries run alternately (Zen 4, 32 KB L1, 2026-12-07,
+  // Google Benchmark, min of 7): [64,4096] 0.52-0.55 / 0.44-0.45, [8,8192] 0.77-0.82 /
+  // 0.64-0.69; RMSNorm [16,4096] 0.43-0.52 / 0.39-0.40.
+  // Streamed rows (from memory) go first to last: reversed, they measured the same or up
+  // to 3% slower.
   constexpr bool kReverse = !Stream;
   const Index i0 = i, i_end = i0 + (n - i0) / W * W, packets = (i_end - i0) / W;
   for (Index k = 0; k < packets; ++k) {
