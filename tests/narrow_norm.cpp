@@ -4,6 +4,10 @@
 // parameter types, both layouts, misaligned, both RMSNorm cast orders), and against the
 // long double reference; backward against the float op and the reference; threads
 // bitwise; NaN rows; |x| near half's max; bad arguments.
+#include <functional>
+#include <limits>
+#include <utility>
+
 #include "narrow_util.hpp"
 
 using namespace nnarrow;
@@ -128,12 +132,22 @@ void check_conversions() {
 // forward's bound (nt::fwd_tol with the float-tree error) plus the final rounding: half
 // an ulp of T (eps_T / 2 relative, half T's smallest step absolute), and for
 // CastThenWeight also the inner one, eps_T / 2 |xhat w|.
+// edit: changes the float parameters (then rounded to T, for both parameter types) and
+// returns whether the reference comparison applies (not where y overflows or is NaN).
+using EditParams = std::function<bool(Buffer<float>& gamma, Buffer<float>& beta)>;
 template <class T, class P, int Layout>
 void forward_case(const Case& c, Index rows, Index n, std::size_t shift, std::uint64_t seed,
-                  double mean = 0.0, double sd = 1.0) {
+                  double mean = 0.0, double sd = 1.0, const EditParams& edit = {}) {
   INFO(c.str() << ", rows " << rows << ", n " << n << ", shift " << shift << ", params "
                << (std::is_same<P, float>::value ? "float" : "T") << ", layout " << Layout);
   Data<T> d(rows, n, shift, seed, mean, sd);
+  bool with_reference = true;
+  if (edit) {
+    with_reference = edit(d.gf, d.bf);
+    d.sync();
+    // Float parameters keep the edited values as they are (a NaN its payload).
+    if (std::is_same<P, float>::value) edit(d.gf, d.bf);
+  }
   Buffer<T> y(d.x.n, shift);
   Buffer<float> yf(d.x.n, shift);
   const auto st = run_forward<T>(c, xmap<T, Layout>(d.x.data(), rows, n), d.template params<P>(c),
@@ -167,7 +181,7 @@ void forward_case(const Case& c, Index rows, Index n, std::size_t shift, std::ui
   CHECK(same_stats(st.mean, sf.mean));
   CHECK(same_stats(st.mean_lo, sf.mean_lo));
 
-  check_y_reference(c, d.xf.data(), d.gf.data(), d.bf.data(), y.data(), rows, n);
+  if (with_reference) check_y_reference(c, d.xf.data(), d.gf.data(), d.bf.data(), y.data(), rows, n);
 }
 
 // Backward: dx bitwise the float op's dx on the widened data, rounded; dx against the
@@ -282,6 +296,50 @@ TEMPLATE_TEST_CASE("Narrow storage: forward with streamed output is the float op
     if ((c.ln && c.mode == AffineMode::ScaleShift) || rms_weight)
       forward_case<TestType, float, Eigen::RowMajor>(c, rows, n, 1, ++seed);
   }
+}
+
+// Forward rows whose statistics are finite round without the NaN lanes' fix when every
+// parameter is finite (narrow.hpp: fused_params_finite); a NaN or infinite parameter
+// sends the call through the staged rounding, and a finite gamma large enough to make y
+// overflow gives Inf on the fast path. Each is bitwise the float op, rounded. Lengths:
+// whole pairs of packets, a packet left over, a scalar tail.
+TEMPLATE_TEST_CASE("Narrow storage: non-finite parameters and overflowing outputs",
+                   "[narrow][numerics]", BF, HF) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // NaNs whose payload fills the low bits: rounded without the NaN lanes' fix they would
+  // carry into Inf or -0 (float parameters keep them; T's rounding makes them T's NaN).
+  const float nan_payload = from_fbits(0x7fffffffu), neg_nan_payload = from_fbits(0xffffffffu);
+  const std::pair<const char*, EditParams> edits[] = {
+      {"gamma NaN", [&](Buffer<float>& g, Buffer<float>&) { g[g.n / 2] = nan; return false; }},
+      {"gamma NaN with payload", [&](Buffer<float>& g, Buffer<float>&) {
+         g[g.n - 1] = nan_payload;
+         return false;
+       }},
+      {"beta -NaN with payload", [&](Buffer<float>&, Buffer<float>& b) {
+         b[3] = neg_nan_payload;
+         return false;
+       }},
+      {"gamma -Inf", [&](Buffer<float>& g, Buffer<float>&) { g[1] = -inf; return false; }},
+      {"beta +Inf", [&](Buffer<float>& g, Buffer<float>& b) {
+         b[g.n - 1] = inf;
+         return false;
+       }},
+      {"beta NaN", [&](Buffer<float>&, Buffer<float>& b) { b[0] = nan; return false; }},
+      // |xhat| above 1.14 somewhere in 5 rows: y overflows float (and T) to +-Inf there.
+      {"gamma 3e38", [&](Buffer<float>& g, Buffer<float>&) {
+         for (std::size_t i = 0; i < g.n; i += 2) g[i] = 3e38f;
+         return false;
+       }},
+  };
+  std::uint64_t seed = 9700;
+  for (const auto& e : edits)
+    for (const Case& c : all_cases())
+      for (Index n : {32, 40, 45, 768}) {
+        INFO(e.first);
+        forward_case<TestType, float, Eigen::RowMajor>(c, 5, n, 1, ++seed, 0.0, 1.0, e.second);
+        forward_case<TestType, TestType, Eigen::RowMajor>(c, 5, n, 0, ++seed, 0.0, 1.0, e.second);
+      }
 }
 
 TEMPLATE_TEST_CASE("Narrow storage: backward against the float op and the reference",
