@@ -98,25 +98,23 @@ struct Narrow {
   static NORMKIT_AVX2_NARROW_FN F widen_bf16(const std::uint16_t* p) {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8(p)), 16))};
   }
-  // The rounded patterns in the low 16 bits of each 32-bit lane.
-  static NORMKIT_AVX2_NARROW_FN __m256i bf16_bits(const F& a) {
-    const __m256i b = _mm256_castps_si256(a.v);
-    const __m256i hi = _mm256_srli_epi32(b, 16);
-    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    const __m256i r =
-        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(0x8000)),
-                                         _mm256_set1_epi32(0x7fc0));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(r, qnan, nan);
-  }
-  // bf16_bits for lanes known not to be NaN (finite or infinite): without the compare
-  // and blend, the same bits there. (x + 0x7fff + lsb) still rounds the largest finite
-  // values up to Inf as the general path does.
+  // Round to nearest even for lanes known not to be NaN (finite or infinite): the
+  // rounded pattern in the high 16 bits of each 32-bit lane. (x + 0x7fff + lsb) rounds
+  // the largest finite values up to Inf, as it should.
   static NORMKIT_AVX2_NARROW_FN __m256i bf16_sum_no_nan(const F& a) {
     const __m256i b = _mm256_castps_si256(a.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     return _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
+  }
+  // The rounded patterns in the low 16 bits of each 32-bit lane; NaN lanes become quiet
+  // NaNs of the same sign (the sum above could carry a NaN's payload into Inf or 0).
+  static NORMKIT_AVX2_NARROW_FN __m256i bf16_bits(const F& a) {
+    const __m256i r = _mm256_srli_epi32(bf16_sum_no_nan(a), 16);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(a.v), 16),
+                                          _mm256_set1_epi32(0x8000));
+    const __m256i qnan = _mm256_or_si256(sign, _mm256_set1_epi32(0x7fc0));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, qnan, nan);
   }
   // Two packets of non-NaN values, 16 patterns at p (Stream: p 32-byte aligned): one pack
   // and one permute for both.
