@@ -47,6 +47,18 @@ TEMPLATE_TEST_CASE("LayerNorm: many rows give the bits of each row alone, specia
       nt::rows_alone_agree(LN<TestType>(1, 0.0, mode), n, ++seed);
 }
 
+// Streamed float rows that start on packet boundaries take the skewed order (row_norm.hpp
+// skew_rows, where two rows and the parameters fit in L1): the bits of each row alone.
+TEST_CASE("LayerNorm: streamed rows in the skewed order give the bits of each row alone",
+          "[layer_norm][stream]") {
+  std::uint64_t seed = 740;
+  for (Index n : {64, 768, 1024, 2048})
+    for (auto mode : {AffineMode::ScaleShift, AffineMode::Scale, AffineMode::None}) {
+      const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(float))) + 3;
+      nt::rows_alone_agree(LN<float>(1, 0.0, mode), n, ++seed, rows);
+    }
+}
+
 TEMPLATE_TEST_CASE("LayerNorm: outputs of 8 MiB and more are streamed, rows of any length",
                    "[layer_norm][stream]", float, double) {
   nt::streamed(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 1001, 0, 710);

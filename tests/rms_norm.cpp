@@ -56,10 +56,22 @@ TEMPLATE_TEST_CASE("RMSNorm: many rows give the bits of each row alone, special 
       nt::rows_alone_agree(RMS<TestType>(1, 0.0, w, EpsPlacement::Inside), n, ++seed);
 }
 
+// As LayerNorm's: streamed float rows in the skewed order (row_norm.hpp skew_rows).
+TEST_CASE("RMSNorm: streamed rows in the skewed order give the bits of each row alone",
+          "[rms_norm][stream]") {
+  std::uint64_t seed = 760;
+  for (Index n : {64, 768, 1024, 2048})
+    for (auto w : {RmsWeight::Scale, RmsWeight::None}) {
+      const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(float))) + 3;
+      nt::rows_alone_agree(RMS<float>(1, 0.0, w, EpsPlacement::Inside), n, ++seed, rows);
+    }
+}
+
 TEMPLATE_TEST_CASE("RMSNorm: outputs of 8 MiB and more are streamed, rows of any length",
                    "[rms_norm][stream]", float, double) {
   nt::streamed(RMS<TestType>(1, 1e-6, RmsWeight::Scale), 1001, 1, 1510);
   nt::streamed(RMS<TestType>(1, 1e-6, RmsWeight::OnePlusScale, EpsPlacement::Outside), 1000, 0, 1511);
+  nt::streamed(RMS<TestType>(1, 1e-6, RmsWeight::Scale), 1024, 0, 1512);
 }
 
 TEST_CASE("RMSNorm: backward against central finite differences in double", "[rms_norm][fd]") {

@@ -396,20 +396,28 @@ void shapes(const Op& o1, const Op& o2, std::uint64_t seed) {
   }
 }
 
-// Forward over many rows (which may take them two at a time: row_norm.hpp pair_rows) gives
-// the bits of forward over each row alone, y and the saved statistics, also where a row
-// of a pair takes its special case: row 2 constant (eps = 0: var + eps = 0), row 4 with
-// a NaN, row 5 scaled to subnormals (with eps = 0, rstd beyond T's range).
+// Forward over many rows (which may take them two at a time: row_norm.hpp pair_rows; or,
+// streamed, a row's statistics in step with the previous row's normalize pass:
+// skew_rows) gives the bits of forward over each row alone, y and the saved statistics,
+// also where a row takes its special case: row 2 constant (eps = 0: var + eps = 0), row 4
+// with a NaN, row 5 scaled to subnormals (with eps = 0, rstd beyond T's range); with more
+// than 10 rows also the third and second last (constant, NaN), and the fourth last
+// scaled by 2^70 (its squares overflow float: statistics in double).
 template <class Op>
-void rows_alone_agree(const Op& o, Index n, std::uint64_t seed) {
+void rows_alone_agree(const Op& o, Index n, std::uint64_t seed, Index rows = 7) {
   using T = typename Op::type;
-  const Index rows = 7;
   Problem<T> pr({n, rows}, 1, 0, seed);
+  auto at = [&](Index r, Index i) -> T& { return pr.x[static_cast<std::size_t>(r * n + i)]; };
   for (Index i = 0; i < n; ++i) {
-    pr.x[static_cast<std::size_t>(2 * n + i)] = T(0.75);
-    pr.x[static_cast<std::size_t>(5 * n + i)] *= std::numeric_limits<T>::min() / T(64);
+    at(2, i) = T(0.75);
+    at(5, i) *= std::numeric_limits<T>::min() / T(64);
+    if (rows > 10) {
+      at(rows - 3, i) = T(-2.5);
+      at(rows - 4, i) *= T(0x1p70);
+    }
   }
-  pr.x[static_cast<std::size_t>(4 * n + n / 2)] = std::numeric_limits<T>::quiet_NaN();
+  at(4, n / 2) = std::numeric_limits<T>::quiet_NaN();
+  if (rows > 10) at(rows - 2, 0) = std::numeric_limits<T>::quiet_NaN();
   const CMap<T, 1, Eigen::ColMajor> g(pr.gamma.data(), n), b(pr.beta.data(), n);
   const auto p = make_affine(o, g, b);
   Buffer<T> y_all(pr.x.n, 0), y_one(pr.x.n, 0);

@@ -236,21 +236,23 @@ inline double sum_squares(const T* x, Index n, double scale) {
 // then the packets left in trees of B/2, B/4, ..., 1 (widened packet by packet, a
 // BatchNorm segment of 196 values, 12 packets and no whole tree of 16, spent most of its
 // time in the double additions' dependency chains). WantA = false: sum a is not taken.
-// pf, pf2: prefetched at the terms' offsets, block by block. Returns the first element
-// after the last whole packet; sa, sab receive the sums.
-template <class Isa, class T, int B, bool WantA, class Term>
-inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
-                               const Prefetch& pf2, double& sa, double& sab) {
+// The accumulator walks a row block by block (block(), while blocks remain: more()) and
+// then finishes it (rest()), so that another pass can run between its blocks (the skewed
+// forward, normalize_with_sums); product_tree_sums below walks a row alone.
+template <class Isa, class T, int B, bool WantA>
+struct TreeSums {
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using V = typename P::V;
-  constexpr Index W = static_cast<Index>(P::W);
-  constexpr int K = static_cast<int>(P::W / A::W);
+  static constexpr Index W = static_cast<Index>(P::W);
+  static constexpr int K = static_cast<int>(P::W / A::W);
   typename A::V aa[K], ab[K];
-  for (int k = 0; k < K; ++k) aa[k] = ab[k] = A::zero();
-  Index i = 0;
-  auto tree = [&](auto Lc) {
-    constexpr int L = decltype(Lc)::value;
+  Index n, i = 0;  // the row's length; the first element not yet summed
+  explicit TreeSums(Index len) : n(len) {
+    for (int k = 0; k < K; ++k) aa[k] = ab[k] = A::zero();
+  }
+  template <int L, class Term>
+  void tree(const Term& term) {
     V t[L], q[L];
     if constexpr (L == 1) {
       V b;
@@ -279,23 +281,41 @@ inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
     k = 0;
     P::widen(q[0], [&](const typename A::V& v) { ab[k] = A::add(ab[k], v); ++k; });
     i += L * W;
-  };
-  for (; i + B * W <= n;) {
-    pf.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    pf2.at<B * W * sizeof(T)>(static_cast<std::size_t>(i) * sizeof(T));
-    tree(std::integral_constant<int, B>{});
   }
-  if constexpr (B > 8) if (i + 8 * W <= n) tree(std::integral_constant<int, 8>{});
-  if constexpr (B > 4) if (i + 4 * W <= n) tree(std::integral_constant<int, 4>{});
-  if constexpr (B > 2) if (i + 2 * W <= n) tree(std::integral_constant<int, 2>{});
-  if (i + W <= n) tree(std::integral_constant<int, 1>{});
-  for (int k = 1; k < K; ++k) {
-    aa[0] = A::add(aa[0], aa[k]);
-    ab[0] = A::add(ab[0], ab[k]);
+  bool more() const { return i + B * W <= n; }
+  // One block of B packets (more() must hold).
+  template <class Term>
+  void block(const Term& term) { tree<B>(term); }
+  // The packets left (fewer than B) in smaller trees; sa, sab receive the sums. Returns
+  // the first element after the last whole packet.
+  template <class Term>
+  Index rest(const Term& term, double& sa, double& sab) {
+    if constexpr (B > 8) if (i + 8 * W <= n) tree<8>(term);
+    if constexpr (B > 4) if (i + 4 * W <= n) tree<4>(term);
+    if constexpr (B > 2) if (i + 2 * W <= n) tree<2>(term);
+    if (i + W <= n) tree<1>(term);
+    for (int k = 1; k < K; ++k) {
+      aa[0] = A::add(aa[0], aa[k]);
+      ab[0] = A::add(ab[0], ab[k]);
+    }
+    if (WantA) sa = A::reduce(aa[0]);
+    sab = A::reduce(ab[0]);
+    return i;
   }
-  if (WantA) sa = A::reduce(aa[0]);
-  sab = A::reduce(ab[0]);
-  return i;
+};
+
+// TreeSums over a row alone. pf, pf2: prefetched at the terms' offsets, block by block.
+template <class Isa, class T, int B, bool WantA, class Term>
+inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
+                               const Prefetch& pf2, double& sa, double& sab) {
+  TreeSums<Isa, T, B, WantA> acc(n);
+  while (acc.more()) {
+    const std::size_t off = static_cast<std::size_t>(acc.i) * sizeof(T);
+    pf.at<B * TreeSums<Isa, T, B, WantA>::W * sizeof(T)>(off);
+    pf2.at<B * TreeSums<Isa, T, B, WantA>::W * sizeof(T)>(off);
+    acc.block(term);
+  }
+  return acc.rest(term, sa, sab);
 }
 
 // The fast form of the statistics of float data: d = x - shift in float, then trees of
@@ -311,25 +331,46 @@ inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
 // (one element, for the tail): Center: d = term - shift, s = sum d, s2 = sum d^2; else
 // s2 = sum term^2 only (s untouched). A load may do more than read (the fused residual
 // builds s = alpha x + r there). pf, pf2: prefetched at the terms' offsets.
+// StatTrees walks a row block by block (as TreeSums); tree_sums, a row alone.
+template <class Isa, class T, bool Center, class LoadV>
+struct StatTrees {
+  using P = typename Isa::template Pack<T>;
+  using V = typename P::V;
+  static constexpr int B = 16;
+  static constexpr std::size_t kBlockBytes = B * P::W * sizeof(T);
+  TreeSums<Isa, T, B, Center> acc;
+  T shift;
+  V vs;
+  const LoadV& load_v;
+  StatTrees(Index n, T sh, const LoadV& lv) : acc(n), shift(sh), vs(P::set1(sh)), load_v(lv) {}
+  void term(Index j, V& a, V& b) const { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); }
+  bool more() const { return acc.more(); }
+  void block(const Prefetch& pf, const Prefetch& pf2 = {}) {
+    const std::size_t off = static_cast<std::size_t>(acc.i) * sizeof(T);
+    pf.at<kBlockBytes>(off);
+    pf2.at<kBlockBytes>(off);
+    acc.block([this](Index j, V& a, V& b) { term(j, a, b); });
+  }
+  template <class LoadS>
+  void finish(const LoadS& load_s, double& s, double& s2) {
+    double vs1 = 0.0, vs2 = 0.0;
+    const Index i0 = acc.rest([this](Index j, V& a, V& b) { term(j, a, b); }, vs1, vs2);
+    double ts = 0.0, tq = 0.0;
+    for (Index i = i0; i < acc.n; ++i) {
+      const T d = Center ? load_s(i) - shift : load_s(i);
+      ts += static_cast<double>(d);
+      tq += static_cast<double>(d * d);
+    }
+    if (Center) s = vs1 + ts;
+    s2 = vs2 + tq;
+  }
+};
 template <class Isa, class T, bool Center, class LoadV, class LoadS>
 inline void tree_sums(Index n, T shift, const LoadV& load_v, const LoadS& load_s, double& s,
                       double& s2, const Prefetch& pf, const Prefetch& pf2 = {}) {
-  using P = typename Isa::template Pack<T>;
-  using V = typename P::V;
-  constexpr int B = 16;
-  const V vs = P::set1(shift);
-  double vs1 = 0.0, vs2 = 0.0;
-  const Index i0 = product_tree_sums<Isa, T, B, Center>(
-      n, [&](Index j, V& a, V& b) { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); }, pf,
-      pf2, vs1, vs2);
-  double ts = 0.0, tq = 0.0;
-  for (Index i = i0; i < n; ++i) {
-    const T d = Center ? load_s(i) - shift : load_s(i);
-    ts += static_cast<double>(d);
-    tq += static_cast<double>(d * d);
-  }
-  if (Center) s = vs1 + ts;
-  s2 = vs2 + tq;
+  StatTrees<Isa, T, Center, LoadV> st(n, shift, load_v);
+  while (st.more()) st.block(pf, pf2);
+  st.finish(load_s, s, s2);
 }
 
 template <class Isa, class T>
@@ -528,6 +569,42 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
     }
   }
   for (; i < n; ++i) scalar_at(i);
+}
+
+// The skewed order of a streamed forward: normalize (streaming stores) of row x -> y,
+// and between its packets the float-tree statistics of the next row xn (Center: s and s2
+// of xn - shift, else s2 of xn, as blocked_sums / blocked_sum_squares take them: the
+// same trees in the same order, so the same bits), one tree of 16 packets per 16 packets
+// written. A row's statistics pass alone only reads (from L2, where the previous rows'
+// pf put it), and memory sat idle through it; in step with the stores it keeps memory
+// busy (README "Forward order"). xn must not overlap y. pf: a later row fetched into L2
+// one line per packet written; pfn: xn's own lines ahead of its trees.
+template <class Isa, class T, bool Center, ScaleKind S, bool Shift>
+inline void normalize_with_sums(const T* x, T* y, Index n, const RowAffine<T>& r,
+                                const T* gamma, const T* beta, const T* xn, T shift,
+                                double& s, double& s2, const Prefetch& pf, const Prefetch& pfn) {
+  using P = typename Isa::template Pack<T>;
+  constexpr Index W = static_cast<Index>(P::W);
+  const NormAffine<Isa, T, Center, S, Shift> op(r, gamma, beta);
+  auto load_n = [xn](Index j) { return P::load(xn + j); };
+  StatTrees<Isa, T, Center, decltype(load_n)> st(n, shift, load_n);
+  constexpr Index kB = StatTrees<Isa, T, Center, decltype(load_n)>::B;
+  Index i = 0;
+  constexpr std::uintptr_t align = sizeof(typename P::V);
+  for (; i < n && reinterpret_cast<std::uintptr_t>(y + i) % align != 0; ++i) y[i] = op.scalar(x[i], i);
+  auto packet = [&](Index j) {
+    pf.at<W * sizeof(T)>(static_cast<std::size_t>(j) * sizeof(T));
+    P::stream(y + j, op(P::load(x + j), j));
+  };
+  for (; st.more() && i + kB * W <= n; i += kB * W) {
+    st.block(pfn);
+#pragma GCC unroll 16
+    for (Index u = 0; u < kB; ++u) packet(i + u * W);
+  }
+  for (; i + W <= n; i += W) packet(i);
+  for (; i < n; ++i) y[i] = op.scalar(x[i], i);
+  while (st.more()) st.block(pfn);
+  st.finish([xn](Index j) { return xn[j]; }, s, s2);
 }
 
 // normalize over two rows in step, x0 -> y0 and x1 -> y1 (of n elements each; ordinary
