@@ -134,13 +134,20 @@ void check_conversions() {
 // CastThenWeight also the inner one, eps_T / 2 |xhat w|.
 // edit: changes the float parameters (then rounded to T, for both parameter types); an
 // edited case skips the reference comparison (its y may overflow or be NaN).
+// edit_x: changes x (before it is rounded to T); it too skips the reference comparison.
 using EditParams = std::function<void(Buffer<float>& gamma, Buffer<float>& beta)>;
+using EditX = std::function<void(Buffer<float>& x)>;
 template <class T, class P, int Layout>
 void forward_case(const Case& c, Index rows, Index n, std::size_t shift, std::uint64_t seed,
-                  double mean = 0.0, double sd = 1.0, const EditParams& edit = {}) {
+                  double mean = 0.0, double sd = 1.0, const EditParams& edit = {},
+                  const EditX& edit_x = {}) {
   INFO(c.str() << ", rows " << rows << ", n " << n << ", shift " << shift << ", params "
                << (std::is_same<P, float>::value ? "float" : "T") << ", layout " << Layout);
   Data<T> d(rows, n, shift, seed, mean, sd);
+  if (edit_x) {
+    edit_x(d.xf);
+    d.sync();
+  }
   if (edit) {
     edit(d.gf, d.bf);
     d.sync();
@@ -180,7 +187,7 @@ void forward_case(const Case& c, Index rows, Index n, std::size_t shift, std::ui
   CHECK(same_stats(st.mean, sf.mean));
   CHECK(same_stats(st.mean_lo, sf.mean_lo));
 
-  if (!edit) check_y_reference(c, d.xf.data(), d.gf.data(), d.bf.data(), y.data(), rows, n);
+  if (!edit && !edit_x) check_y_reference(c, d.xf.data(), d.gf.data(), d.bf.data(), y.data(), rows, n);
 }
 
 // Backward: dx bitwise the float op's dx on the widened data, rounded; dx against the
@@ -294,6 +301,33 @@ TEMPLATE_TEST_CASE("Narrow storage: forward with streamed output is the float op
     const bool rms_weight = !c.ln && c.weight == RmsWeight::Scale && c.placement != EpsPlacement::Outside;
     if ((c.ln && c.mode == AffineMode::ScaleShift) || rms_weight)
       forward_case<TestType, float, Eigen::RowMajor>(c, rows, n, 1, ++seed);
+  }
+}
+
+// Streamed rows where the rows the trees cannot give go through the staged path between
+// fused ones (narrow.hpp forward_narrow_fused): a constant row (its squares sum to 0), a
+// NaN, and for bf16 a row scaled by 1e20 (its squares overflow float); rows on packet
+// boundaries (64 and 1024 features, x aligned). Bitwise the float op, rounded.
+TEMPLATE_TEST_CASE("Narrow storage: streamed rows with staged rows between them are the float op, rounded",
+                   "[narrow][stream]", BF, HF) {
+  std::uint64_t seed = 9600;
+  for (Index n : {64, 1024}) {
+    const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(TestType))) + 3;
+    const EditX edit_x = [rows, n](Buffer<float>& x) {
+      auto at = [&](Index r, Index i) -> float& { return x[static_cast<std::size_t>(r * n + i)]; };
+      const bool wide = std::is_same<TestType, BF>::value;
+      for (Index i = 0; i < n; ++i) {
+        at(1, i) = 0.75f;
+        if (wide) at(4, i) *= 1e20f;
+        at(rows - 3, i) = -2.5f;
+      }
+      at(rows - 2, n / 3) = std::numeric_limits<float>::quiet_NaN();
+    };
+    for (const Case& c : all_cases()) {
+      const bool rms_weight = !c.ln && c.weight == RmsWeight::Scale && c.placement != EpsPlacement::Outside;
+      if ((c.ln && c.mode == AffineMode::ScaleShift) || rms_weight)
+        forward_case<TestType, float, Eigen::RowMajor>(c, rows, n, 0, ++seed, 0.0, 1.0, {}, edit_x);
+    }
   }
 }
 
