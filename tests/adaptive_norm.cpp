@@ -671,6 +671,45 @@ TEST_CASE("Fused residual: outputs of 8 MiB and more are streamed", "[residual][
                      "RMSNorm streamed backward, in place");
 }
 
+// Element-wise and modulated forms streamed (float [rows, 1024] of 8 MiB and more, rows on
+// packet boundaries: the skewed order, row_norm.hpp skew_rows, with each row's own scale
+// and shift rows; a NaN in row 7): the bits of the same rows in chunks of 64 rows, which
+// are not streamed and go row by row (or in pairs).
+TEST_CASE("Adaptive LayerNorm: streamed rows give the bits of unstreamed chunks", "[adaptive][stream]") {
+  constexpr Index n = 1024, chunk = 64;
+  constexpr Index rows = (static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (n * sizeof(float))) / chunk + 1) * chunk;
+  static_assert(std::size_t{rows} * n * sizeof(float) > NORMKIT_STREAM_MIN_BYTES, "streamed");
+  for (const auto form : {adref::Form::Elementwise, adref::Form::Modulated}) {
+    const bool ew = form == adref::Form::Elementwise;
+    INFO((ew ? "element-wise" : "modulated"));
+    const auto o = ew ? elementwise<float>() : modulated<float>();
+    AdaProblem<float> pr(form, {n, rows}, 0, 5300);
+    pr.x[static_cast<std::size_t>(7 * n + 3)] = std::numeric_limits<float>::quiet_NaN();
+    // Both forms: a scale and shift row per row of x (modulated: one sample per row).
+    // Extents in memory order (innermost first), as the other tests give them.
+    auto cond = [&](Index r0, Index count) {
+      const std::size_t o0 = static_cast<std::size_t>(r0 * n);
+      return normkit::affine(nt::cmap<float, 2, Eigen::RowMajor>(pr.c1.data() + o0, {n, count}),
+                             nt::cmap<float, 2, Eigen::RowMajor>(pr.c2.data() + o0, {n, count}));
+    };
+    Buffer<float> y_all(pr.N(), 0), y_chunks(pr.N(), 0);
+    normkit::RowStats<float> s_all, s_chunk;
+    o.op.forward(nt::cmap<float, 2, Eigen::RowMajor>(pr.x.data(), {n, rows}), cond(0, rows),
+                 nt::map<float, 2, Eigen::RowMajor>(y_all.data(), {n, rows}), s_all);
+    std::size_t bad = 0;
+    for (Index r0 = 0; r0 < rows; r0 += chunk) {
+      const std::size_t o0 = static_cast<std::size_t>(r0 * n);
+      o.op.forward(nt::cmap<float, 2, Eigen::RowMajor>(pr.x.data() + o0, {n, chunk}), cond(r0, chunk),
+                   nt::map<float, 2, Eigen::RowMajor>(y_chunks.data() + o0, {n, chunk}), s_chunk);
+      for (Index r = 0; r < chunk; ++r)
+        bad += std::memcmp(&s_all.rstd(r0 + r), &s_chunk.rstd(r), sizeof(float)) != 0 ||
+               std::memcmp(&s_all.mean(r0 + r), &s_chunk.mean(r), sizeof(float)) != 0;
+    }
+    CHECK(bad == 0);
+    CHECK(std::memcmp(y_all.data(), y_chunks.data(), pr.N() * sizeof(float)) == 0);
+  }
+}
+
 // ---- Finite differences (double) --------------------------------------------------------
 
 namespace {
