@@ -577,8 +577,9 @@ inline void normalize(const T* x, T* y, Index n, const RowAffine<T>& r, const T*
 // same trees in the same order, so the same bits), one tree of 16 packets per 16 packets
 // written. A row's statistics pass alone only reads (from L2, where the previous rows'
 // pf put it), and memory sat idle through it; in step with the stores it keeps memory
-// busy (README "Forward order"). xn must not overlap y. pf: a later row fetched into L2
-// one line per packet written; pfn: xn's own lines ahead of its trees.
+// busy (README "Architecture", the skewed forward order). xn must not overlap y. pf: a
+// later row fetched into L2 one line per packet written; pfn: xn's own lines ahead of
+// its trees.
 template <class Isa, class T, bool Center, ScaleKind S, bool Shift>
 inline void normalize_with_sums(const T* x, T* y, Index n, const RowAffine<T>& r,
                                 const T* gamma, const T* beta, const T* xn, T shift,
