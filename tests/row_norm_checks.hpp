@@ -402,7 +402,8 @@ void shapes(const Op& o1, const Op& o2, std::uint64_t seed) {
 // also where a row takes its special case: row 2 constant (eps = 0: var + eps = 0), row 4
 // with a NaN, row 5 scaled to subnormals (with eps = 0, rstd beyond T's range); with more
 // than 10 rows also the third and second last (constant, NaN), and the fourth last
-// scaled by 2^70 (its squares overflow float: statistics in double).
+// scaled by 2^70 (its squares overflow float: statistics in double). Also in place and on
+// two threads.
 template <class Op>
 void rows_alone_agree(const Op& o, Index n, std::uint64_t seed, Index rows = 7) {
   using T = typename Op::type;
@@ -438,6 +439,18 @@ void rows_alone_agree(const Op& o, Index n, std::uint64_t seed, Index rows = 7) 
       CHECK(same(s_all.mean_lo.data() + r, s_one.mean_lo.data(), 1));
     }
   }
+  // In place (y over x), and on two threads (each range of rows starts alone): the same.
+  Buffer<T> z(pr.x);
+  o.forward(CMap<T, 2, Eigen::RowMajor>(z.data(), rows, n), p,
+            Map<T, 2, Eigen::RowMajor>(z.data(), rows, n), s_one);
+  INFO("n = " << n);
+  CHECK(same(z.data(), y_all.data(), rows * n));
+  Eigen::ThreadPool pool(2);
+  o.forward(CMap<T, 2, Eigen::RowMajor>(pr.x.data(), rows, n), p,
+            Map<T, 2, Eigen::RowMajor>(y_one.data(), rows, n), s_one,
+            Eigen::ThreadPoolDevice(&pool, 2));
+  CHECK(same(y_one.data(), y_all.data(), rows * n));
+  CHECK(same(s_one.rstd.data(), s_all.rstd.data(), rows));
 }
 
 // A tensor of NORMKIT_STREAM_MIN_BYTES and more (3 rows over), [rows, n] RowMajor:
