@@ -312,7 +312,7 @@ TEMPLATE_TEST_CASE("Narrow storage: streamed rows with staged rows between them 
                    "[narrow][stream]", BF, HF) {
   std::uint64_t seed = 9600;
   for (Index n : {64, 1024}) {
-    const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(TestType))) + 3;
+    const Index rows = nt::streamed_rows<TestType>(n);
     const EditX edit_x = [rows, n](Buffer<float>& x) {
       auto at = [&](Index r, Index i) -> float& { return x[static_cast<std::size_t>(r * n + i)]; };
       const bool wide = std::is_same<TestType, BF>::value;

@@ -61,10 +61,9 @@ TEST_CASE("RMSNorm: streamed rows in the skewed order give the bits of each row 
           "[rms_norm][stream]") {
   std::uint64_t seed = 760;
   for (Index n : {64, 768, 1024, 2048})
-    for (auto w : {RmsWeight::Scale, RmsWeight::None}) {
-      const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(float))) + 3;
-      nt::rows_alone_agree(RMS<float>(1, 0.0, w, EpsPlacement::Inside), n, ++seed, rows);
-    }
+    for (auto w : {RmsWeight::Scale, RmsWeight::None})
+      nt::rows_alone_agree(RMS<float>(1, 0.0, w, EpsPlacement::Inside), n, ++seed,
+                           nt::streamed_rows<float>(n));
 }
 
 TEMPLATE_TEST_CASE("RMSNorm: outputs of 8 MiB and more are streamed, rows of any length",

@@ -462,7 +462,7 @@ void rows_alone_agree(const Op& o, Index n, std::uint64_t seed, Index rows = 7) 
 template <class Op>
 void streamed(const Op& o, Index n, std::size_t shift, std::uint64_t seed) {
   using T = typename Op::type;
-  const Index rows = static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(T))) + 3;
+  const Index rows = streamed_rows<T>(n);
   INFO("[" << rows << ", " << n << "], misaligned by " << shift);
   Problem<T> pr({n, rows}, 1, shift, seed);
   run_case<2, Eigen::RowMajor>(o, pr, false, true);

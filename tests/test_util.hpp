@@ -48,6 +48,13 @@ inline const std::vector<Index>& sweep_sizes() {
 }
 
 // Aligned storage with an optional offset of `shift` elements from a 64-byte boundary.
+// Rows of n elements of T that make a [rows, n] tensor of NORMKIT_STREAM_MIN_BYTES and
+// more (3 rows over): forward and backward stream their outputs there.
+template <class T>
+Index streamed_rows(Index n) {
+  return static_cast<Index>(NORMKIT_STREAM_MIN_BYTES / (static_cast<std::size_t>(n) * sizeof(T))) + 3;
+}
+
 template <class T>
 struct Buffer {
   std::vector<T> store;
