@@ -283,9 +283,14 @@ struct TreeSums {
     i += L * W;
   }
   bool more() const { return i + B * W <= n; }
-  // One block of B packets (more() must hold).
+  // One block of B packets (more() must hold); pf, pf2 prefetched at its offsets.
   template <class Term>
-  void block(const Term& term) { tree<B>(term); }
+  void block(const Term& term, const Prefetch& pf, const Prefetch& pf2) {
+    const std::size_t off = static_cast<std::size_t>(i) * sizeof(T);
+    pf.at<B * W * sizeof(T)>(off);
+    pf2.at<B * W * sizeof(T)>(off);
+    tree<B>(term);
+  }
   // The packets left (fewer than B) in smaller trees; sa, sab receive the sums. Returns
   // the first element after the last whole packet.
   template <class Term>
@@ -309,12 +314,7 @@ template <class Isa, class T, int B, bool WantA, class Term>
 inline Index product_tree_sums(Index n, const Term& term, const Prefetch& pf,
                                const Prefetch& pf2, double& sa, double& sab) {
   TreeSums<Isa, T, B, WantA> acc(n);
-  while (acc.more()) {
-    const std::size_t off = static_cast<std::size_t>(acc.i) * sizeof(T);
-    pf.at<B * TreeSums<Isa, T, B, WantA>::W * sizeof(T)>(off);
-    pf2.at<B * TreeSums<Isa, T, B, WantA>::W * sizeof(T)>(off);
-    acc.block(term);
-  }
+  while (acc.more()) acc.block(term, pf, pf2);
   return acc.rest(term, sa, sab);
 }
 
@@ -337,7 +337,6 @@ struct StatTrees {
   using P = typename Isa::template Pack<T>;
   using V = typename P::V;
   static constexpr int B = 16;
-  static constexpr std::size_t kBlockBytes = B * P::W * sizeof(T);
   TreeSums<Isa, T, B, Center> acc;
   T shift;
   V vs;
@@ -346,10 +345,7 @@ struct StatTrees {
   void term(Index j, V& a, V& b) const { a = b = Center ? P::sub(load_v(j), vs) : load_v(j); }
   bool more() const { return acc.more(); }
   void block(const Prefetch& pf, const Prefetch& pf2 = {}) {
-    const std::size_t off = static_cast<std::size_t>(acc.i) * sizeof(T);
-    pf.at<kBlockBytes>(off);
-    pf2.at<kBlockBytes>(off);
-    acc.block([this](Index j, V& a, V& b) { term(j, a, b); });
+    acc.block([this](Index j, V& a, V& b) { term(j, a, b); }, pf, pf2);
   }
   template <class LoadS>
   void finish(const LoadS& load_s, double& s, double& s2) {

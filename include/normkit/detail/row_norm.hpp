@@ -514,6 +514,16 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
               return kC ? row_moments<Isa>(xr, n, spec.eps)
                         : row_rms<Isa>(xr, n, spec.eps, spec.eps_outside);
             };
+            // The same from a float row's tree sums (s1, s2 of xr - shift; RMSNorm: s2).
+            auto tree_stats = [&](const T* xr, T shift, double s1, double s2) {
+              return kC ? moments_from_trees<Isa>(xr, n, spec.eps, shift, s1, s2)
+                        : rms_from_trees<Isa>(xr, n, spec.eps, spec.eps_outside, s2);
+            };
+            // Row r's gamma and beta (nullptr where absent).
+            auto gamma_of = [&](Index r) {
+              return q.gamma ? q.gamma + r * q.param_stride : nullptr;
+            };
+            auto beta_of = [&](Index r) { return q.beta ? q.beta + r * q.param_stride : nullptr; };
             auto save = [&](Index r, const kernels::RowAffine<T>& ra) {
               if (kC) {
                 mean_hi[r] = ra.mean_hi;
@@ -530,8 +540,8 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                                 T* copy = nullptr, const kernels::Prefetch& pf = {},
                                 const kernels::Prefetch& pf2 = {}) {
               T* yr = q.y + r * n;
-              const T* gamma = q.gamma ? q.gamma + r * q.param_stride : nullptr;
-              const T* beta = q.beta ? q.beta + r * q.param_stride : nullptr;
+              const T* gamma = gamma_of(r);
+              const T* beta = beta_of(r);
               const RowStat st = pre ? *pre : row_stats(xr);
               const kernels::RowAffine<T> ra = row_affine<T>(st);
               const T hi = ra.mean_hi, lo = ra.mean_lo, rt = ra.rstd;
@@ -580,11 +590,9 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                   const T shift = kC ? tree_shift(xn, n) : T(0);
                   double s1 = 0.0, s2 = 0.0;
                   kernels::normalize_with_sums<Isa, T, kC, kS, kB>(
-                      xr, q.y + r * n, n, ra, q.gamma ? q.gamma + r * q.param_stride : nullptr,
-                      q.beta ? q.beta + r * q.param_stride : nullptr, xn, shift, s1, s2, pf,
+                      xr, q.y + r * n, n, ra, gamma_of(r), beta_of(r), xn, shift, s1, s2, pf,
                       ahead_in_row(xn, n));
-                  st = kC ? moments_from_trees<Isa>(xn, n, spec.eps, shift, s1, s2)
-                          : rms_from_trees<Isa>(xn, n, spec.eps, spec.eps_outside, s2);
+                  st = tree_stats(xn, shift, s1, s2);
                 }
                 Isa::fence();
                 return;
@@ -643,8 +651,7 @@ void forward_rows(const RowNormSpec& spec, const RowPass<T>& q, const Exec& devi
                 double s1 = 0.0, s2 = 0.0;
                 kernels::residual_blocked_sums<Isa, T, kC>(xr, rr, s_at, n, alpha, shift, s1, s2,
                                                            ahead_in_row(xr, n), ahead_in_row(rr, n));
-                const RowStat st = kC ? moments_from_trees<Isa>(s_at, n, spec.eps, shift, s1, s2)
-                                      : rms_from_trees<Isa>(s_at, n, spec.eps, spec.eps_outside, s2);
+                const RowStat st = tree_stats(s_at, shift, s1, s2);
                 const Index next = r + 1 + ahead;
                 const bool pf = next < r1;
                 norm_row(r, s_at, &st, copy,
