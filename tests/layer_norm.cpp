@@ -37,6 +37,9 @@ TEMPLATE_TEST_CASE("LayerNorm: bitwise identical for any number of threads", "[l
                    float, double) {
   nt::threads_bitwise(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 37, 129, 600);
   nt::threads_bitwise(LN<TestType>(1, 1e-5, AffineMode::Scale), 300, 768, 601);
+  // Streamed: backward's rows one at a time (row_norm.hpp backward_lone_rows).
+  nt::threads_bitwise(LN<TestType>(1, 1e-5, AffineMode::ScaleShift),
+                      nt::streamed_rows<TestType>(768), 768, 602);
 }
 
 TEMPLATE_TEST_CASE("LayerNorm: many rows give the bits of each row alone, special rows too",

@@ -46,6 +46,9 @@ TEMPLATE_TEST_CASE("RMSNorm: bitwise identical for any number of threads", "[rms
                    float, double) {
   nt::threads_bitwise(RMS<TestType>(1, 1e-6, RmsWeight::Scale), 37, 129, 1500);
   nt::threads_bitwise(RMS<TestType>(1, 1e-6, RmsWeight::OnePlusScale), 300, 768, 1501);
+  // Streamed: backward's rows one at a time (row_norm.hpp backward_lone_rows).
+  nt::threads_bitwise(RMS<TestType>(1, 1e-6, RmsWeight::Scale), nt::streamed_rows<TestType>(768),
+                      768, 1502);
 }
 
 TEMPLATE_TEST_CASE("RMSNorm: many rows give the bits of each row alone, special rows too",

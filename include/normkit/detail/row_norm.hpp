@@ -154,6 +154,25 @@ inline bool rows_alias_in_l1(Index row_bytes) {
   return false;
 }
 
+// Whether a streamed backward takes its rows one at a time, each row's dgamma/dbeta
+// terms added straight into the double accumulators, with the first pass prefetching
+// nothing and the second the whole row prefetch_ahead_rows after the next: where a row
+// of x and dy, gamma and the accumulators (acc_bytes) fit in three quarters of L1. There
+// a row's second pass hands memory a whole row to fetch while the first pass of the next
+// runs from L2. LayerNorm backward with dgamma and dbeta, streamed, ratio to the add
+// roofline (standalone, Zen 5 with 48 KB L1, 2026-12-08), groups of four -> one at a
+// time: 256 features 0.45 -> 0.57, 1024 0.45 -> 0.69, [16384, 768] 0.42 -> 0.70; without
+// the parameter gradients 2048 0.49 -> 0.65, 3072 0.50 -> 0.68. Where it is not taken,
+// because it lost: in cache (LayerNorm [512, 768] 0.48 -> 0.40, [64, 768] 0.58 -> 0.36,
+// where four rows in step go from L1 last column first), and where the accumulators do
+// not fit (2048 features with dgamma/dbeta: no gain; 4096: a loss). Tried and dropped:
+// the forward's skewed order here (the next row's first-pass trees between this row's
+// second-pass packets: [16384, 768] 0.61 -> 0.51, 1024 features 0.69 -> 0.45; for groups
+// of four at 4096 and 8192 features 0.50 -> 0.44 and 0.48 -> 0.38).
+inline bool backward_lone_rows(Index row_bytes, Index acc_bytes) {
+  return acc_bytes + 3 * row_bytes <= static_cast<Index>(l1d_bytes()) * 3 / 4;
+}
+
 // Whether forward takes rows two at a time: statistics of both rows, then one normalize
 // pass over both (kernels::normalize2). Where the two rows' x and y with gamma and beta
 // (`params` arrays of the row's size) fit in three quarters of L1, the second row's
@@ -812,30 +831,35 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
   // the same L1 sets: rows_alias_in_l1), and so do the float stages below.
   const Index row_bytes = n * static_cast<Index>(sizeof(T));
   const bool same_columns = !stream || row_bytes % 64 == 0;
-  const bool group_rows = same_columns && !rows_alias_in_l1(row_bytes);
   const double dn = static_cast<double>(n);
   const Index chunks = want_param ? reduce_chunks(rows) : 0;
   // 0: no parameter gradients; 1: dgamma; 2: dgamma and dbeta (both accumulated when
   // either is asked for: the second costs little once the row is loaded).
   const int param_grads = want_param ? (spec.shift ? 2 : 1) : 0;
   const Index acc_arrays = param_grads;
-  // Per-chunk double accumulators for dgamma (and dbeta): chunk c owns
-  // acc[slot(c) + a * n, ... + n).
-  const auto slot = [&](Index c) { return c * acc_arrays * n; };
-  std::vector<double> acc(static_cast<std::size_t>(slot(chunks)), 0.0);
+  // Streamed rows whose x, dy and gamma with the double accumulators fit in 3/4 of L1 go
+  // one at a time, each straight into the doubles (no stage), the second pass prefetching
+  // the whole of a later row (backward_lone_rows).
+  const bool lone_rows = stream && backward_lone_rows(row_bytes, acc_arrays * n * 8);
+  const bool group_rows = same_columns && !rows_alias_in_l1(row_bytes) && !lone_rows;
+  // Per-chunk double accumulators for dgamma (and dbeta), each array on a line's
+  // boundary (line_array): chunk c owns acc[slot(c) + a * na, ... + n).
+  const Index na = line_stride(n);
+  const auto slot = [&](Index c) { return c * acc_arrays * na; };
+  const LineArray<double> acc = line_array<double>(slot(chunks));
+  std::fill(acc.get(), acc.get() + slot(chunks), 0.0);
   // Per-chunk stages in T for rows walked one at a time (kernels::StagedAcc), on vector
   // backends for float (where the widening to double is the cost), laid out as acc;
   // allocated only where some chunk has such rows (rows not grouped, or a chunk's row
   // count not a multiple of 4).
   // Not without same_columns: a stage's rows would leave its columns unwritten or read
   // them stale.
-  const bool stage = kernels::kWidens<Isa, T> && same_columns;
+  const bool stage = kernels::kWidens<Isa, T> && same_columns && !lone_rows;
   bool single_rows = !group_rows;
   for (Index c = 0; c < chunks && !single_rows; ++c)
     single_rows = (chunk_begin(c + 1, rows, chunks) - chunk_begin(c, rows, chunks)) % 4 != 0;
   // Not zeroed: a stage's first row stores it before any row reads it (Stage::First).
-  const std::unique_ptr<T[]> stage_buf(
-      stage && single_rows ? new T[static_cast<std::size_t>(slot(chunks))] : nullptr);
+  const LineArray<T> stage_buf = stage && single_rows ? line_array<T>(slot(chunks)) : nullptr;
 
   constexpr bool kC = Center;
   with_scale(spec.scale, [&](auto S) {
@@ -856,6 +880,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
             // step). Both passes prefetch the next group into L2, half of it each (the first
             // pass at half its own pace, the second at k/2 times its pace), so that memory
             // stays busy throughout while both passes read the current group from cache.
+            // Lone rows (backward_lone_rows) instead leave all of it to the second pass.
             auto next_part = [&](const T* base, Index g0, Index k, Index off, Index len, int rate) {
               const Index lo = std::min((g0 + k) * n + off, rows * n);
               const Index hi = std::min(lo + len, rows * n);
@@ -873,9 +898,12 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
               if (kDx) {
                 double sum_g = 0.0, sum_gx = 0.0;
                 const Index half = n / 2, off = j * half;
-                kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx,
-                                                       next_part(q.dy, g0, k, off, half, -1),
-                                                       next_part(q.x, g0, k, off, half, -1));
+                if (lone_rows)
+                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx);
+                else
+                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx,
+                                                         next_part(q.dy, g0, k, off, half, -1),
+                                                         next_part(q.x, g0, k, off, half, -1));
                 double mean_gx = sum_gx / dn;
                 if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(args.ra[j].rstd);
                 args.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
@@ -886,10 +914,11 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
               Index r = r0;
               // The second pass's share of the next group (of k rows): the part the first
               // pass does not prefetch, all of it without a first pass.
-              const Index first = kDx ? n / 2 : 0;
+              const Index first = kDx && !lone_rows ? n / 2 : 0;
+              const Index ahead = lone_rows ? prefetch_ahead_rows(row_bytes) : 0;
               auto second = [&](const T* base, Index g0, Index k) {
                 const int rate = (k == 4 ? 2 : 0) - (first ? 1 : 0);  // log2 of k (n - first) / n
-                return next_part(base, g0, k, k * first, k * (n - first), rate);
+                return next_part(base, g0 + ahead, k, k * first, k * (n - first), rate);
               };
               if (group_rows) {
                 for (; r + 4 <= r1; r += 4) {
@@ -910,7 +939,7 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                   const Index j = (r - single0) % 4, left = r1 - r;
                   using kernels::Stage;
                   sa.g = stg;
-                  sa.b = acc_arrays > 1 ? stg + n : nullptr;
+                  sa.b = acc_arrays > 1 ? stg + na : nullptr;
                   sa.stage = j == 0 ? (left == 1 ? Stage::Lone : Stage::First)
                                     : (j == 3 || left == 1 ? Stage::Last : Stage::Mid);
                 }
@@ -926,9 +955,9 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
                                              6.0 * static_cast<double>(n * (rows / chunks)));
               parallel_for<Isa>(device, chunks, cost, [&](Index c0, Index c1) {
                 for (Index c = c0; c < c1; ++c) {
-                  double* base = acc.data() + slot(c);
+                  double* base = acc.get() + slot(c);
                   do_rows(chunk_begin(c, rows, chunks), chunk_begin(c + 1, rows, chunks), base,
-                          acc_arrays > 1 ? base + n : nullptr,
+                          acc_arrays > 1 ? base + na : nullptr,
                           stage_buf ? stage_buf.get() + slot(c) : nullptr);
                 }
               });
@@ -959,10 +988,10 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
       std::fill(sg, sg + len, 0.0);
       std::fill(sb, sb + len, 0.0);
       for (Index c = 0; c < chunks; ++c) {
-        const double* base = acc.data() + slot(c) + j0;
+        const double* base = acc.get() + slot(c) + j0;
         for (Index j = 0; j < len; ++j) sg[j] += base[j];
         if (acc_arrays > 1)
-          for (Index j = 0; j < len; ++j) sb[j] += base[n + j];
+          for (Index j = 0; j < len; ++j) sb[j] += base[na + j];
       }
       if ((q.dgamma != nullptr))
         for (Index j = 0; j < len; ++j) q.dgamma[j0 + j] = static_cast<T>(sg[j]);
