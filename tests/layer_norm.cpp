@@ -60,6 +60,17 @@ TEST_CASE("LayerNorm: streamed rows in the skewed order give the bits of each ro
       nt::rows_alone_agree(LN<float>(1, 0.0, mode), n, ++seed, nt::streamed_rows<float>(n));
 }
 
+TEMPLATE_TEST_CASE("LayerNorm: backward's bits do not depend on dx's alignment",
+                   "[layer_norm][stream]", float, double) {
+  // Streamed rows one at a time (768: row_norm.hpp backward_lone_rows), in groups of four
+  // (4096), and in cache.
+  nt::dx_alignment_bitwise(LN<TestType>(1, 1e-5, AffineMode::ScaleShift),
+                           nt::streamed_rows<TestType>(768), 768, 715);
+  nt::dx_alignment_bitwise(LN<TestType>(1, 1e-5, AffineMode::Scale),
+                           nt::streamed_rows<TestType>(4096), 4096, 716);
+  nt::dx_alignment_bitwise(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 9, 768, 717);
+}
+
 TEMPLATE_TEST_CASE("LayerNorm: outputs of 8 MiB and more are streamed, rows of any length",
                    "[layer_norm][stream]", float, double) {
   nt::streamed(LN<TestType>(1, 1e-5, AffineMode::ScaleShift), 1001, 0, 710);

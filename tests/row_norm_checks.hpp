@@ -595,6 +595,44 @@ void threads_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) {
   }
 }
 
+// Backward's bits do not depend on where dx lies: streamed rows peel a scalar head up to
+// dx's next packet boundary, so dx at another alignment moves columns between the scalar
+// head and the vector body, which must compute each column alike (dx, and the dgamma /
+// dbeta terms: once, double rows alone added dy * xhat as a product and an add that g++
+// fused in one path and not the other, and dgamma changed in the last bit with the heap).
+// dx at 64-byte alignment and 1, 2, 3 elements past it, against the first.
+template <class Op>
+void dx_alignment_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) {
+  using T = typename Op::type;
+  INFO("[" << rows << ", " << n << "]");
+  Problem<T> pr({n, rows}, 1, 0, seed);
+  const CMap<T, 1, Eigen::ColMajor> g(pr.gamma.data(), pr.n), b(pr.beta.data(), pr.n);
+  const auto p = make_affine(o, g, b);
+  const std::array<Index, 2> d{n, rows};
+  auto x = cmap<T, 2, Eigen::RowMajor>(pr.x.data(), d);
+  auto dy = cmap<T, 2, Eigen::RowMajor>(pr.dy.data(), d);
+  Buffer<T> y(pr.x.n, 0);
+  const auto s = o.forward(x, p, map<T, 2, Eigen::RowMajor>(y.data(), d));
+  std::vector<Buffer<T>> dx, dg, db;
+  for (std::size_t shift = 0; shift < 4; ++shift) {
+    dx.emplace_back(pr.x.n, shift);
+    dg.emplace_back(pr.gamma.n, 0);
+    db.emplace_back(pr.gamma.n, 0);
+    backward_all(o, dy, x, p, s, map<T, 2, Eigen::RowMajor>(dx.back().data(), d),
+                 map<T, 1, Eigen::ColMajor>(dg.back().data(), {n}),
+                 map<T, 1, Eigen::ColMajor>(db.back().data(), {n}));
+  }
+  auto same = [](const Buffer<T>& u, const Buffer<T>& v) {
+    return std::memcmp(u.data(), v.data(), u.n * sizeof(T)) == 0;
+  };
+  for (std::size_t shift = 1; shift < 4; ++shift) {
+    INFO("dx " << shift << " elements past a 64-byte boundary");
+    CHECK(same(dx[0], dx[shift]));
+    CHECK(same(dg[0], dg[shift]));
+    CHECK(same(db[0], db[shift]));
+  }
+}
+
 // Central finite differences in double of L = sum dy * y through the op's own forward,
 // against its backward. h = 1e-4 / rstd moves xhat by 1e-4. The error of the difference
 // quotient: truncation h^2/6 |L'''| <= 5 h^2 rstd^3 sum|g| (each third derivative of xhat

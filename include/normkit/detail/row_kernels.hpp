@@ -768,6 +768,14 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
                           double* dbeta_acc, Prefetch next_dy = {}, Prefetch next_x = {},
                           StagedAcc<T> st = {}) {
   static_assert(R == 1 || R == 2 || R == 4, "backward_rows: R must be 1, 2 or 4");
+  // One double row alone (unstaged): its dgamma term dy * xhat goes into the double
+  // accumulator as one explicit fmadd, in the vector body and in the scalar head and
+  // tail alike. As a product then an add, g++'s default -ffp-contract=fast fused the two
+  // in one path and not the other; streamed rows peel a scalar head up to dx's next
+  // packet boundary, so which columns took which path followed dx's address, and dgamma
+  // changed in the last bit with the heap (LayerNorm and RMSNorm double, streamed
+  // [1368, 768]). Float terms are widened between the product and the add: no fusing.
+  constexpr bool kFusedAcc = R == 1 && std::is_same<T, double>::value;
   using P = typename Isa::template Pack<T>;
   using A = typename Isa::Acc;
   using X = Xhat<Isa, T, Center>;
@@ -787,7 +795,9 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
         q.dx[r][i] = q.ra[r].rstd * fmadd_s<Isa>(xh, -q.b[r], gma);
       }
     }
-    if (WantDg) {
+    if constexpr (kFusedAcc) {
+      if (WantDg) dgamma_acc[i] = fmadd_s<Isa>(pb[0], xs[0], dgamma_acc[i]);
+    } else if (WantDg) {
       T p = pb[0] * xs[0];
       if (R >= 2) p = fmadd_s<Isa>(pb[1], xs[1], p);
       if (R == 4) p += fmadd_s<Isa>(pb[3], xs[3], pb[2] * xs[2]);
@@ -863,14 +873,17 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
       }
     } else if (WantDg) {
       // sum_r dy_r xhat_r, pairwise: (p0 + p1) + (p2 + p3) with each pair one fmadd.
-      if (R == 1) {
+      if constexpr (kFusedAcc) {
+        // T is double: straight into the accumulator (see kFusedAcc).
+        P::store(dgamma_acc + i, P::fmadd(pb[0], pg[0], P::load(dgamma_acc + i)));
+      } else if (R == 1) {
         pg[0] = P::mul(pb[0], pg[0]);
       } else {
         for (int r = 0; r < R; r += 2) pg[r / 2] = P::fmadd(pb[r + 1], pg[r + 1], P::mul(pb[r], pg[r]));
         if (R == 4) pg[0] = P::add(pg[0], pg[1]);
       }
     }
-    if (WantDg) {
+    if (WantDg && !(kFusedAcc && st.stage == Stage::Lone)) {
       Index off = i;
       P::widen(pg[0], [&](const typename A::V& v) {
         A::store(dgamma_acc + off, A::add(A::load(dgamma_acc + off), v));
