@@ -898,12 +898,12 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
               if (kDx) {
                 double sum_g = 0.0, sum_gx = 0.0;
                 const Index half = n / 2, off = j * half;
-                if (lone_rows)
-                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx);
-                else
-                  kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx,
-                                                         next_part(q.dy, g0, k, off, half, -1),
-                                                         next_part(q.x, g0, k, off, half, -1));
+                // Half the next group at half this pass's pace (lone rows: none).
+                auto first_part = [&](const T* base) {
+                  return lone_rows ? kernels::Prefetch() : next_part(base, g0, k, off, half, -1);
+                };
+                kernels::backward_sums<Isa, T, kC, kS>(dyr, xr, gamma, n, args.ra[j], sum_g, sum_gx,
+                                                       first_part(q.dy), first_part(q.x));
                 double mean_gx = sum_gx / dn;
                 if (spec.eps_outside) mean_gx /= 1.0 - spec.eps * static_cast<double>(args.ra[j].rstd);
                 args.a[j] = kC ? static_cast<T>(sum_g / dn) : T(0);
@@ -913,7 +913,8 @@ void backward_pass(const RowNormSpec& spec, const RowGradPass<T>& q, const Exec&
             auto do_rows = [&](Index r0, Index r1, double* dg_acc, double* db_acc, T* stg) {
               Index r = r0;
               // The second pass's share of the next group (of k rows): the part the first
-              // pass does not prefetch, all of it without a first pass.
+              // pass does not prefetch, all of it without a first pass; lone rows: all of
+              // the row `ahead` rows past the next.
               const Index first = kDx && !lone_rows ? n / 2 : 0;
               const Index ahead = lone_rows ? prefetch_ahead_rows(row_bytes) : 0;
               auto second = [&](const T* base, Index g0, Index k) {
