@@ -795,6 +795,26 @@ inline void backward_rows(const RowsArgs<T, R>& q, const T* gamma, Index n, doub
         q.dx[r][i] = q.ra[r].rstd * fmadd_s<Isa>(xh, -q.b[r], gma);
       }
     }
+    if (R == 1 && st.stage != Stage::Lone) {
+      // Staged as the vector body stages (StagedAcc), so that a column's bits do not
+      // depend on which path took it (the scalar head's length follows dx's address).
+      const bool first = st.stage == Stage::First, last = st.stage == Stage::Last;
+      if (WantDg) {
+        const T g1 = first ? pb[0] * xs[0] : fmadd_s<Isa>(pb[0], xs[0], st.g[i]);
+        if (last)
+          dgamma_acc[i] += static_cast<double>(g1);
+        else
+          st.g[i] = g1;
+      }
+      if (WantDb) {
+        const T b1 = first ? pb[0] : st.b[i] + pb[0];
+        if (last)
+          dbeta_acc[i] += static_cast<double>(b1);
+        else
+          st.b[i] = b1;
+      }
+      return;
+    }
     if constexpr (kFusedAcc) {
       if (WantDg) dgamma_acc[i] = fmadd_s<Isa>(pb[0], xs[0], dgamma_acc[i]);
     } else if (WantDg) {
