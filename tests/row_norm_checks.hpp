@@ -600,7 +600,10 @@ void threads_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) {
 // head and the vector body, which must compute each column alike (dx, and the dgamma /
 // dbeta terms: once, double rows alone added dy * xhat as a product and an add that g++
 // fused in one path and not the other, and dgamma changed in the last bit with the heap).
-// dx at 64-byte alignment and 1, 2, 3 elements past it, against the first.
+// dx at 64-byte alignment and 1, 2, 3 elements past it, against the first; on streamed
+// rows one at a time (768 features: row_norm.hpp backward_lone_rows), in groups of four
+// with two or three staged rows left in some chunk (4096 features, 15 rows over the
+// streamed count), and 9 rows in cache.
 template <class Op>
 void dx_alignment_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) {
   using T = typename Op::type;
@@ -631,6 +634,15 @@ void dx_alignment_bitwise(const Op& o, Index rows, Index n, std::uint64_t seed) 
     CHECK(same(dg[0], dg[shift]));
     CHECK(same(db[0], db[shift]));
   }
+}
+
+// The shapes above, each with its own seed.
+template <class Op>
+void dx_alignment_bitwise(const Op& o, std::uint64_t seed) {
+  using T = typename Op::type;
+  dx_alignment_bitwise(o, streamed_rows<T>(768), 768, seed);
+  dx_alignment_bitwise(o, streamed_rows<T>(4096) + 15, 4096, seed + 1);
+  dx_alignment_bitwise(o, 9, 768, seed + 2);
 }
 
 // Central finite differences in double of L = sum dy * y through the op's own forward,
